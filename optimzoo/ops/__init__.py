@@ -1,0 +1,1 @@
+"""Pure tensor kernels shared by the optimizers (no optimizer state)."""
