@@ -39,6 +39,20 @@ BAD_VALUES: dict[str, list[tuple[object, bool]]] = {
     "adamw_eps": [(-1e-8, True)],
     "adamw_weight_decay": [(-0.1, True)],
     "ns_steps": [(0, True), (2.5, True)],
+    # SPAM / Stable-SPAM
+    "threshold": [(-1.0, True)],
+    "DeltaT": [(-1, True), (2.5, True)],
+    "warmup_steps": [(-1, True)],
+    "grad_accu_steps": [(-1, True)],
+    "gamma1": [(1.5, True)],
+    "gamma2": [(-0.1, True), (1.0, True)],
+    "gamma3": [(-0.1, True), (1.0, True)],
+    "total_T": [(0, True)],
+    "eta_min": [(-0.1, True), (1.5, True)],
+    "update_proj_gap": [(-1, True)],
+    # Lion-K
+    "p": [(0.5, True)],
+    "a": [(0.0, True), (-1.0, True)],
 }
 # Synonyms torch.optim uses in its messages.
 FIELD_WORDS = {"lr": ("lr", "learning rate"), "eps": ("eps", "epsilon"), "betas": ("betas", "beta"),
