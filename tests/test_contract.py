@@ -89,7 +89,7 @@ def train(model, opt, steps: int, seed: int = 0, closure: bool = False) -> list[
         else:
             loss = closure_fn()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     return losses
 
 
