@@ -36,11 +36,24 @@ from torch.optim.adamw import adamw as _adamw_kernel
 
 from ._base import ZooOptimizer, check_betas, check_choice, check_lr, check_range
 
-__all__ = ["MatrixOptimizer", "matrix_shape"]
+__all__ = ["MatrixOptimizer", "adjusted_lr_scale", "matrix_shape", "ns_compute_dtype"]
 
 ROLES = ("matrix", "vector")
 ADJUST_LR = ("keller", "match_adamw", None)
-NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+NS_DTYPES = ("auto", "bfloat16", "float32")
+
+
+def ns_compute_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of Newton-Schulz-type iterations for a ``ns_dtype`` choice.
+
+    ``"auto"`` is bf16 on accelerators (as Muon: the iteration is robust to bf16 and tensor cores make
+    it fast) and float32 on CPUs, where bf16 matmuls are emulated unless the CPU has native bf16
+    (AVX512-BF16/AMX): on the 2-core AVX2 machine this project is tested on, a 512x1376 @ 1376x512
+    matmul takes 846 ms in bf16 and 7.6 ms in float32.
+    """
+    if choice == "auto":
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[choice]
 
 
 def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import torch
 
 from ..ops.orthogonalize import newton_schulz
 from ._base import check_int, check_range
-from ._matrix import NS_DTYPES, MatrixOptimizer
+from ._matrix import MatrixOptimizer, ns_compute_dtype
 
 __all__ = ["Muon"]
 
@@ -43,7 +43,7 @@ class Muon(MatrixOptimizer):
         O &= \mathrm{NS}_5(U) \approx \text{polar factor } U V^\top \text{ of } U \\
         W &\leftarrow W (1 - \eta\lambda) - \eta\, s(m, n)\, O
 
-    with ``NS_5`` the quintic Newton-Schulz iteration (coefficients 3.4445, -4.7750, 2.0315) in bf16
+    with ``NS_5`` the quintic Newton-Schulz iteration (coefficients 3.4445, -4.7750, 2.0315) (bf16 on accelerators)
     (:func:`optimzoo.ops.orthogonalize.newton_schulz`) and ``s = sqrt(max(1, m/n))``. Same-shape
     matrices are orthogonalized together in one batched chain of matmuls. Vector parameters
     (embeddings, LM head, gains, biases) take an AdamW step; see :class:`MatrixOptimizer`.
@@ -55,7 +55,8 @@ class Muon(MatrixOptimizer):
         weight_decay: decoupled weight decay of matrix groups, ``W <- W (1 - lr wd)`` (default 0).
         nesterov: use the Nesterov form ``U = lerp(g, M, beta)`` (default True, as the official code).
         ns_steps: Newton-Schulz iterations (default 5).
-        ns_dtype: compute dtype of Newton-Schulz, ``"bfloat16"`` (default, as Muon) or ``"float32"``.
+        ns_dtype: compute dtype of Newton-Schulz: ``"auto"`` (default: bf16 on accelerators, as Muon;
+            float32 on CPU, where bf16 matmuls are emulated and ~100x slower), ``"bfloat16"`` or ``"float32"``.
         adjust_lr: the shape-dependent lr factor ``s``: ``"keller"`` (default), ``"match_adamw"``
             (``0.2 sqrt(max(m, n))``, update RMS ~ 0.2 lr so AdamW's lr/wd transfer), or ``None``.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, foreach: see :class:`MatrixOptimizer`.
@@ -75,7 +76,7 @@ class Muon(MatrixOptimizer):
         weight_decay: float = 0.0,
         nesterov: bool = True,
         ns_steps: int = 5,
-        ns_dtype: str = "bfloat16",
+        ns_dtype: str = "auto",
         adjust_lr: str | None = "keller",
         *,
         adamw_lr: float = 3e-4,
@@ -100,4 +101,4 @@ class Muon(MatrixOptimizer):
                                  self._use_foreach(group["foreach"], params))
 
     def _transform(self, group, U, rows):
-        return newton_schulz(U, group["ns_steps"], dtype=NS_DTYPES[group["ns_dtype"]])
+        return newton_schulz(U, group["ns_steps"], dtype=ns_compute_dtype(group["ns_dtype"], U.device))
