@@ -237,7 +237,7 @@ def register_optimizer(
     keys = [_key(name), *(_key(a) for a in spec.aliases)]
     for k in keys:
         owner = _LOOKUP.get(k)
-        if owner is not None and owner != name and not overwrite:
+        if owner is not None and not overwrite:
             raise ValueError(f"optimizer name {k!r} is already registered (by {owner!r}); pass overwrite=True")
         if k.startswith(_key(PEER_PREFIX)):
             raise ValueError(f"names starting with {PEER_PREFIX!r} are reserved for torch-optimizer's catalogue")
