@@ -39,6 +39,10 @@ BAD_VALUES: dict[str, list[tuple[object, bool]]] = {
     "adamw_eps": [(-1e-8, True)],
     "adamw_weight_decay": [(-0.1, True)],
     "ns_steps": [(0, True), (2.5, True)],
+    "beta2": [(-0.1, True), (1.0, True)],
+    "ns_beta": [(0.0, True), (1.5, True)],
+    "iterations": [(0, True), (2.5, True)],
+    "gamma": [(0.0, True), (-1.0, True)],
     # SPAM / Stable-SPAM
     "threshold": [(-1.0, True)],
     "DeltaT": [(-1, True), (2.5, True)],

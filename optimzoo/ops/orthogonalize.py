@@ -59,14 +59,14 @@ def newton_schulz(
         lead = X.shape[:-2]
         X = X.reshape(-1, *X.shape[-2:])
     for a, b, c in schedule:
-        if batched:
-            A = torch.bmm(X, X.mT)
+        A = X @ X.mT
+        if c == 0:  # a cubic step (e.g. SWAN's whitening): no A @ A
+            B = A.mul_(b)
+        elif batched:
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
         else:
-            A = X @ X.mT
             B = torch.addmm(A, A, A, beta=b, alpha=c)
-            X = torch.addmm(X, B, X, beta=a, alpha=1.0)
+        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0) if batched else torch.addmm(X, B, X, beta=a, alpha=1.0)
     if batched:
         X = X.reshape(*lead, *X.shape[-2:])
     if tall:

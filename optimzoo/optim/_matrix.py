@@ -219,7 +219,7 @@ class MatrixOptimizer(ZooOptimizer):
 
     def _apply(self, group: dict, params: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
         """``W <- W (1 - lr wd) - lr s(m, n) O`` (decoupled weight decay first, as Muon)."""
-        lr, wd = group["lr"], group["weight_decay"]
+        lr, wd = float(group["lr"]), group["weight_decay"]
         for p, o in zip(params, outs):
             if wd:
                 p.mul_(1 - lr * wd)
