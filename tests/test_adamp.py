@@ -1,0 +1,159 @@
+"""AdamP and SGDP against torch-optimizer (a port of clovaai/AdamP), closed forms, and the projection."""
+
+import pytest
+import torch
+
+from optimzoo.optim.adamp import SGDP, AdamP, project_scale_invariant
+
+torch_optimizer = pytest.importorskip("torch_optimizer")
+
+SHAPES = [(16, 8), (4, 3, 3, 3), (8,), (32, 16), (6, 10)]
+PATHS = [pytest.param({"foreach": False}, id="single"), pytest.param({"foreach": True}, id="foreach"),
+         pytest.param({"fused": True}, id="fused")]
+
+
+def make_params(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+
+
+def gradients(params, step: int, scale: float = 1.0):
+    """Random gradients; for the first two tensors orthogonal to each weight row (scale-invariant
+    weights: the channel test fires), for the last the whole-tensor radial part removed (the layer test
+    can fire), the rest generic (no projection)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    out = []
+    for i, p in enumerate(params):
+        gr = torch.randn(p.shape, generator=g) * scale
+        w = p.detach()
+        if i in (0, 1):
+            wv, gv = w.reshape(w.size(0), -1), gr.view(w.size(0), -1)
+            gv -= (gv * wv).sum(1, keepdim=True) / (wv * wv).sum(1, keepdim=True) * wv
+        elif i == 4:
+            gr += 5 * w[0].abs().mean()  # a common offset: rows are not orthogonal
+            gv, wv = gr.view(1, -1), w.reshape(1, -1)
+            gv -= (gv * wv).sum() / (wv * wv).sum() * wv
+        out.append(gr)
+    return out
+
+
+def run_pair(ours_cls, ref_cls, kwargs, path, steps=30, scale=1.0):
+    a, b = make_params(), make_params()
+    oa, ob = ours_cls(a, **kwargs, **path), ref_cls(b, **kwargs)
+    for s in range(steps):
+        for p, q, g in zip(a, b, gradients(a, s, scale)):
+            p.grad, q.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+    return max((p - q).abs().max().item() for p, q in zip(a, b))
+
+
+ADAMP_CONFIGS = [dict(weight_decay=0.0), dict(weight_decay=0.1), dict(weight_decay=0.0, nesterov=True),
+                 dict(weight_decay=0.1, nesterov=True, lr=1e-2), dict(weight_decay=0.05, delta=0.3, wd_ratio=0.5)]
+SGDP_CONFIGS = [dict(lr=0.01, momentum=0.9), dict(lr=0.01, momentum=0.9, weight_decay=1e-2),
+                dict(lr=0.01, momentum=0.9, nesterov=True), dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-2),
+                dict(lr=0.02, momentum=0.5, dampening=0.3, weight_decay=1e-3), dict(lr=0.01, momentum=0.0)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kwargs", ADAMP_CONFIGS, ids=str)
+def test_adamp_matches_torch_optimizer(kwargs, path):
+    assert run_pair(AdamP, torch_optimizer.AdamP, kwargs, path) <= 1e-6
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kwargs", SGDP_CONFIGS, ids=str)
+def test_sgdp_matches_torch_optimizer(kwargs, path):
+    assert run_pair(SGDP, torch_optimizer.SGDP, kwargs, path, scale=0.1) <= 1e-6
+
+
+def test_parity_problem_triggers_both_projections():
+    """Otherwise the parity tests would not test the projection."""
+    params = make_params()
+    grads = gradients(params, 0)
+    eps, ratio = torch.tensor(1e-8), torch.tensor(0.1)
+    fired = []
+    for p, g in zip(params, grads):
+        if p.dim() < 2:
+            continue
+        w, gv = p.detach().reshape(p.size(0), -1), g.reshape(p.size(0), -1)
+        rows, cols = w.shape
+        u = torch.randn_like(w)
+        out, wd = project_scale_invariant(w, gv, u, eps, ratio, torch.tensor(0.1 / cols**0.5),
+                                          torch.tensor(0.1 / (rows * cols) ** 0.5))
+        fired.append(float(wd))
+    assert fired[0] == fired[1] == pytest.approx(0.1)  # channel
+    assert fired[2] == 1.0  # generic
+    assert fired[3] == pytest.approx(0.1)  # layer only (rows not orthogonal: channel test fails)
+
+
+def test_adamp_first_step_closed_form_without_projection():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    g = p.detach() * 3 + 0.1  # nearly parallel to the weight: no projection
+    w0 = p.detach().clone()
+    opt = AdamP([p], lr=0.01)
+    p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach() - w0, -0.01 * g / (g.abs() + 1e-8), rtol=1e-6, atol=1e-7)
+
+
+def test_adamp_first_step_with_channel_projection_is_orthogonal_to_rows():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(6, 5))
+    g = torch.randn(6, 5)
+    w0 = p.detach().clone()
+    opt = AdamP([p], lr=0.01, delta=1e9)  # the channel test always fires
+    p.grad = g.clone()
+    opt.step()
+    delta = p.detach() - w0
+    u = g / (g.abs() + 1e-8)
+    w_hat = w0 / (w0.norm(dim=1, keepdim=True) + 1e-8)
+    expected = -0.01 * (u - w_hat * (w_hat * u).sum(1, keepdim=True))
+    torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-7)
+    assert (delta * w0).sum(1).abs().max() < 1e-6
+
+
+def test_sgdp_first_step_closed_form():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    g = p.detach() * 2  # parallel: no projection
+    w0 = p.detach().clone()
+    opt = SGDP([p], lr=0.1, momentum=0.9)
+    p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(p.detach(), w0 - 0.1 * g)
+
+
+@pytest.mark.parametrize("cls,kw", [(AdamP, {"weight_decay": 0.1, "nesterov": True}),
+                                    (SGDP, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1})])
+def test_gradients_are_not_modified(cls, kw):
+    params = make_params()
+    opt = cls(params, **kw)
+    grads = gradients(params, 0)
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt.step()
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g)
+
+
+def test_sgdp_nesterov_needs_momentum():
+    with pytest.raises(ValueError, match="nesterov"):
+        SGDP([torch.nn.Parameter(torch.zeros(2))], lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="foreach"):
+        AdamP([torch.nn.Parameter(torch.zeros(2))], foreach=True, fused=True)
+
+
+def test_bf16_single_and_foreach_agree():
+    res = []
+    for foreach in (False, True):
+        ps = [torch.nn.Parameter(p.detach().bfloat16()) for p in make_params()]
+        opt = AdamP(ps, lr=1e-2, weight_decay=0.1, foreach=foreach)
+        for s in range(3):
+            for p, g in zip(ps, gradients(make_params(), s)):
+                p.grad = g.bfloat16()
+            opt.step()
+        res.append(ps)
+    for p, q in zip(*res):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-2)
