@@ -26,8 +26,9 @@ continues the latest checkpoint of the run directory.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
-import math
 import netrc
 import os
 import sys
@@ -182,6 +183,30 @@ def load_data(args: DataArguments, seed: int):
     return corpus["train"], corpus["validation"]
 
 
+def tokenized_data(dargs: DataArguments, margs: ModelArguments, tokenizer, seed: int):
+    """(train, validation) tokenized. The embedded corpus is tokenized once and cached on disk (keyed by the
+    data code, the tokenizer and the options), so repeated runs, as in a sweep, start in a second."""
+    import datasets
+
+    from optimzoo.hf import data as data_module
+
+    cache = None
+    if not (dargs.dataset or dargs.train_files):
+        key = hashlib.sha1(inspect.getsource(data_module).encode()).hexdigest()[:12]
+        tag = f"{margs.tokenizer.replace('/', '--')}-{dargs.max_length}-{dargs.packing}-{dargs.validation_percent:g}"
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "optimzoo" / f"shakespeare-{tag}-{key}"
+        if (cache / "dataset_dict.json").exists():
+            loaded = datasets.load_from_disk(str(cache))
+            return loaded["train"], loaded["validation"]
+    train_raw, val_raw = load_data(dargs, seed)
+    train = tokenize_dataset(train_raw, tokenizer, dargs.max_length, dargs.packing, dargs.text_column)
+    val = None if val_raw is None else tokenize_dataset(val_raw, tokenizer, dargs.max_length, dargs.packing,
+                                                         dargs.text_column)
+    if cache is not None:
+        datasets.DatasetDict({"train": train, "validation": val}).save_to_disk(str(cache))
+    return train, val
+
+
 def wandb_offline_unless_logged_in() -> None:
     """Never block on a login prompt: without an API key (env or netrc) the run is logged offline."""
     if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
@@ -238,14 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(margs, dargs.max_length)
     config = build_config(margs, tokenizer)
     model = build_model(config, margs, targs)
-    train_raw, val_raw = load_data(dargs, targs.seed)
     with targs.main_process_first(desc="tokenizing"):
-        train = tokenize_dataset(train_raw, tokenizer, dargs.max_length, dargs.packing, dargs.text_column)
-        val = None
-        if val_raw is not None:
-            if dargs.max_eval_samples and not dargs.streaming:
-                val_raw = val_raw.select(range(min(dargs.max_eval_samples, len(val_raw))))
-            val = tokenize_dataset(val_raw, tokenizer, dargs.max_length, dargs.packing, dargs.text_column)
+        train, val = tokenized_data(dargs, margs, tokenizer, targs.seed)
+    if val is not None and dargs.max_eval_samples and not dargs.streaming:
+        val = val.select(range(min(dargs.max_eval_samples, len(val))))
 
     trainer = PretrainTrainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
                               processing_class=tokenizer, data_collator=default_data_collator)

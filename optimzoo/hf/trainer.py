@@ -12,7 +12,8 @@
   ``learning_rate``), ``optim/update_rms/<group>`` (RMS of the parameter change of
   the step just taken), ``optim/step_ms`` (optimizer step wall time), ``optim/state_MB`` (this rank's
   optimizer state) and the optimizer's own ``metrics()`` as ``optim/<name>`` (SPAM's ``clip_fraction``,
-  NorMuon's ``row_scale_spread``, ...).
+  NorMuon's ``row_scale_spread``, ...); every record (train and eval) also gets ``elapsed_s``, the wall time
+  since ``train()`` started.
 
 Cost: update RMS and step time are measured only on steps that are logged: one copy of the parameters
 before the step and one reduction per tensor after it (plus a device synchronization around the step
@@ -129,6 +130,7 @@ class ZooTrainer(Trainer):
         #: extra entries for the wandb run config; ``create_optimizer`` adds ``"optimizer"``
         self.run_config: dict = {}
         self._optimizer_metrics: OptimizerMetrics | None = None
+        self._train_start: float | None = None
         self.add_callback(_RunConfigCallback(self))
 
     # ------------------------------------------------------------------ optimizer
@@ -200,4 +202,10 @@ class ZooTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs.update(self.optimizer_metrics())
+        if self._train_start is not None:
+            logs["elapsed_s"] = time.time() - self._train_start  # wall time of this session, for loss-vs-time plots
         super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        self._train_start = time.time()
+        return super().train(*args, **kwargs)

@@ -211,6 +211,8 @@ def state_bytes(optimizer: Optimizer) -> int:
     """
     total = 0
     for st in optimizer.state.values():
+        if not isinstance(st, dict):  # some peers keep global counters in ``state`` (the official SPAM code)
+            continue
         for v in st.values():
             if isinstance(v, torch.Tensor) and v.dim() > 0:
                 local = v.to_local() if hasattr(v, "to_local") else v
