@@ -197,11 +197,16 @@ class MatrixOptimizer(ZooOptimizer):
         self._apply(group, params, outs)
 
     def _transform_all(self, group, params, updates, states) -> list[torch.Tensor]:
-        """Stage 2 for every matrix of the group: same-shape matrices are stacked and transformed once."""
+        """Stage 2 for every matrix of the group: same-shape matrices are stacked and transformed once
+        (``DTensor`` shards: once in the whole job, on an owner rank, see :mod:`optimzoo.distributed`)."""
         if any(hasattr(p, "device_mesh") for p in params):
             from ..distributed import transform_sharded
 
             return transform_sharded(self, group, params, updates, states)
+        return self._transform_local(group, params, updates, states)
+
+    def _transform_local(self, group, params, updates, states) -> list[torch.Tensor]:
+        """Stage 2 on whole (unsharded) matrices, batched by shape; row state is updated in ``states``."""
         outs: list[torch.Tensor | None] = [None] * len(params)
         buckets: dict[tuple, list[int]] = {}
         for i, (p, u) in enumerate(zip(params, updates)):

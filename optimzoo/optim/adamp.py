@@ -19,6 +19,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from ..distributed.reduce import global_amax, global_sum
 from ._base import ZooOptimizer, check_betas, check_lr, check_range, fused_kernel
 
 __all__ = ["SGDP", "AdamP", "project_scale_invariant"]
@@ -35,13 +36,13 @@ def row_sums(x: torch.Tensor) -> torch.Tensor:
 
 
 def total_sum(rows: torch.Tensor) -> torch.Tensor:
-    """Sum over all rows (the layer view): a whole-tensor reduction (needs all rows)."""
-    return rows.sum()
+    """Sum over all rows (the layer view): a whole-tensor reduction, all-reduced across row shards."""
+    return global_sum(rows)
 
 
 def total_max(rows: torch.Tensor) -> torch.Tensor:
-    """Maximum over all rows: a whole-tensor reduction (needs all rows)."""
-    return rows.max()
+    """Maximum over all rows: a whole-tensor reduction, all-reduced across row shards."""
+    return global_amax(rows)
 
 
 def project_scale_invariant(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from ..distributed.reduce import is_sharded
 from ..ops.kappa import KAPPAS, kappa_grad, kappa_grad_foreach
 from ._base import ZooOptimizer, check_betas, check_choice, check_int, check_lr, check_range, fused_kernel
 from ._matrix import ns_compute_dtype
@@ -40,6 +41,22 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
+
+
+#: maps that reduce over the whole tensor (norms, the polar factor); the others are element-wise
+_WHOLE_TENSOR = ("l2", "lp", "nuclear")
+
+
+def _kappa(kappa: str, c: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``kappa_grad(kappa, c)``; for a row-sharded ``DTensor`` and a whole-tensor map, evaluated on the
+    full tensor (gathered on every rank, so the value is the one-device value, bit for bit) and each
+    rank keeps its shard. Element-wise maps run on the shards as they are."""
+    if kappa in _WHOLE_TENSOR and is_sharded(c):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = kappa_grad(kappa, c.full_tensor(), **kwargs)
+        return distribute_tensor(full, c.device_mesh, c.placements, src_data_rank=None)
+    return kappa_grad(kappa, c, **kwargs)
 
 
 def _single_tensor_lion(
@@ -69,7 +86,7 @@ def _single_tensor_lion(
     g = _compute(grad)
     m = _compute(exp_avg)
     c = torch.addcmul(m * beta1, g, one_minus_beta1)
-    update = kappa_grad(kappa, c, p=p, a=a, ns_steps=ns_steps, ns_dtype=ns_dtype)
+    update = _kappa(kappa, c, p=p, a=a, ns_steps=ns_steps, ns_dtype=ns_dtype)
     param.copy_(torch.addcmul(_compute(param) * decay, update, -lr))
     exp_avg.copy_(torch.addcmul(m * beta2, g, one_minus_beta2))
 

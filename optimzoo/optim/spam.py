@@ -22,24 +22,25 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from ..distributed.reduce import global_amax, global_sum
 from ._base import ZooOptimizer, check_betas, check_int, check_lr, check_range, fused_kernel
 
 __all__ = ["SPAM", "StableSPAM"]
 
 
 # --------------------------------------------------------------------------------------------
-# Whole-tensor reductions (one place to make them shard-aware)
+# Whole-tensor reductions (all-reduced across shards for DTensors, see optimzoo.distributed)
 # --------------------------------------------------------------------------------------------
 
 
 def tensor_abs_max(x: torch.Tensor) -> torch.Tensor:
     """``max |x|`` over the whole tensor."""
-    return x.abs().amax()
+    return global_amax(x.abs())
 
 
 def tensor_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over the whole tensor (float32 accumulation)."""
-    return x.sum(dtype=torch.float32)
+    return global_sum(x, torch.float32)
 
 
 def tensor_l2_norm(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Owner-based orthogonalization on row-sharded (FSDP2) matrices: per-rank Newton-Schulz time and bytes.
+
+On the hidden matrices of a LLaMA-60M-shaped model (GaLore ``llama_60m``: 8 layers of q/k/v/o
+512x512, gate/up 1376x512, down 512x1376; 56 matrices, 25.2M parameters), with random gradients,
+one NorMuon step is timed three ways:
+
+* **owner** (what optimzoo does): parameters are ``DTensor`` row shards on ``W`` gloo ranks; each
+  matrix is assembled on one owner rank by ``all_to_all``, orthogonalized and normalized there, and
+  sent back (:mod:`optimzoo.distributed`);
+* **replicated** (the naive alternative): every rank holds every full matrix and orthogonalizes all
+  of them (the bytes of the all-gather that would assemble them are counted, not the time);
+* **one process**: rank 0 alone (the others wait) steps the full matrices: one device's cost.
+
+Reported per rank: matrices transformed per step, time inside ``_transform`` (Newton-Schulz and the
+normalization) per step, step time, and bytes sent and received per step; then the ratios.
+Each rank uses one thread (CPU cores play the devices).
+
+    python scripts/bench_distributed.py              # spawns 2 gloo ranks (about a minute on 2 cores)
+    python scripts/bench_distributed.py --quick      # small shapes, one repetition (smoke test)
+    torchrun --nproc_per_node 2 scripts/bench_distributed.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import optimzoo
+from optimzoo.distributed import shard_rows
+
+LLAMA_60M = dict(hidden=512, intermediate=1376, layers=8)
+QUICK = dict(hidden=128, intermediate=344, layers=2)
+
+
+def hidden_matrix_shapes(hidden: int, intermediate: int, layers: int) -> list[tuple[int, int]]:
+    """The hidden matrices of a LLaMA (the ones a matrix optimizer orthogonalizes), in model order."""
+    per_layer = [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
+    return per_layer * layers
+
+
+class Probe:
+    """Counts matrices and time in ``opt._transform`` and bytes through ``all_to_all_single`` (this
+    rank's traffic to and from the other ranks)."""
+
+    def __init__(self, opt, rank: int):
+        self.matrices = 0
+        self.seconds = 0.0
+        self.sent = 0
+        self.received = 0
+        inner = opt._transform
+
+        def timed(group, U, rows):
+            start = time.perf_counter()
+            out = inner(group, U, rows)
+            self.seconds += time.perf_counter() - start
+            self.matrices += U.shape[0]
+            return out
+
+        opt._transform = timed
+        self._rank = rank
+
+    def count_bytes(self, input, output_split_sizes, input_split_sizes) -> None:
+        size = input.element_size()
+        self.sent += size * (sum(input_split_sizes) - input_split_sizes[self._rank])
+        self.received += size * (sum(output_split_sizes) - output_split_sizes[self._rank])
+
+    def reset(self) -> None:
+        self.matrices, self.seconds, self.sent, self.received = 0, 0.0, 0, 0
+
+
+def timed_steps(opt, probe: Probe, reps: int, barrier) -> dict:
+    """One warm-up step, then ``reps`` timed steps; per-step medians of the probe's figures."""
+    opt.step()
+    rows = []
+    for _ in range(reps):
+        barrier()
+        probe.reset()
+        start = time.perf_counter()
+        opt.step()
+        rows.append((time.perf_counter() - start, probe.seconds, probe.matrices, probe.sent, probe.received))
+    step, ns, matrices, sent, received = (statistics.median(col) for col in zip(*rows))
+    return dict(step_s=step, ns_s=ns, matrices=matrices, sent_bytes=sent, received_bytes=received)
+
+
+def make_optimizer(params):
+    return optimzoo.get_optimizer("normuon")([{"params": params, "role": "matrix"}], ns_dtype="float32")
+
+
+def run_rank(cfg: dict, reps: int) -> dict | None:
+    """The three measurements on this rank; rank 0 returns the gathered report."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    shapes = hidden_matrix_shapes(**cfg)
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(s, generator=gen) / s[1] ** 0.5 for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    report: dict = {"world": world, "matrices": len(shapes), "parameters": sum(w.numel() for w in weights)}
+
+    # owner-based, on DTensor row shards
+    params = []
+    for w, g in zip(weights, grads):
+        p = torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(0)], src_data_rank=None))
+        p.grad = distribute_tensor(g, mesh, [Shard(0)], src_data_rank=None)
+        params.append(p)
+    opt = make_optimizer(params)
+    probe = Probe(opt, rank)
+    inner_a2a = dist.all_to_all_single
+
+    def counting_a2a(output, input, output_split_sizes=None, input_split_sizes=None, **kwargs):
+        probe.count_bytes(input, output_split_sizes, input_split_sizes)
+        return inner_a2a(output, input, output_split_sizes, input_split_sizes, **kwargs)
+
+    dist.all_to_all_single = counting_a2a
+    try:
+        owner = timed_steps(opt, probe, reps, dist.barrier)
+    finally:
+        dist.all_to_all_single = inner_a2a
+
+    # replicated: every rank steps every full matrix
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt = make_optimizer(params)
+    probe = Probe(opt, rank)
+    replicated = timed_steps(opt, probe, reps, dist.barrier)
+    mine = [shard_rows(s[0], world)[rank] * s[1] for s in shapes]
+    replicated["sent_bytes"] = 4 * sum(mine) * (world - 1)  # an all-gather of the fp32 updates
+    replicated["received_bytes"] = 4 * sum(s[0] * s[1] - r for s, r in zip(shapes, mine))
+
+    # one process: rank 0 alone
+    dist.barrier()
+    single = None
+    if rank == 0:
+        opt = make_optimizer(params)
+        probe = Probe(opt, rank)
+        single = timed_steps(opt, probe, reps, lambda: None)
+        single["sent_bytes"] = single["received_bytes"] = 0
+    dist.barrier()
+
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, {"owner": owner, "replicated": replicated})
+    if rank:
+        return None
+    report["ranks"] = per_rank
+    report["single"] = single
+    owner_ns = max(r["owner"]["ns_s"] for r in per_rank)
+    report["ratio_owner_vs_replicated_ns"] = owner_ns / max(r["replicated"]["ns_s"] for r in per_rank)
+    report["ratio_owner_vs_single_ns"] = owner_ns / single["ns_s"]
+    report["each_matrix_once"] = sum(r["owner"]["matrices"] for r in per_rank) == len(shapes)
+    return report
+
+
+def print_report(r: dict) -> None:
+    mb = 1 / 2**20
+    print(f"{r['matrices']} hidden matrices, {r['parameters'] / 1e6:.1f}M parameters, {r['world']} gloo ranks "
+          "(1 thread each), NorMuon float32, per step")
+    print(f"{'run':<12}{'rank':>5}{'matrices':>10}{'NS s':>9}{'step s':>9}{'sent MiB':>10}{'recv MiB':>10}")
+    rows = [(kind, i, rr[kind]) for kind in ("owner", "replicated") for i, rr in enumerate(r["ranks"])]
+    rows.append(("one process", 0, r["single"]))
+    for kind, i, x in rows:
+        print(f"{kind:<12}{i:>5}{x['matrices']:>10.0f}{x['ns_s']:>9.3f}{x['step_s']:>9.3f}"
+              f"{x['sent_bytes'] * mb:>10.1f}{x['received_bytes'] * mb:>10.1f}")
+    print(f"each matrix transformed once in the job: {r['each_matrix_once']}")
+    print(f"per-rank NS time, owner / replicated:  {r['ratio_owner_vs_replicated_ns']:.2f}")
+    print(f"per-rank NS time, owner / one process: {r['ratio_owner_vs_single_ns']:.2f}")
+
+
+def _spawned(rank: int, world: int, port: int, args) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        main_rank(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def main_rank(args) -> None:
+    report = run_rank(QUICK if args.quick else LLAMA_60M, 1 if args.quick else args.reps)
+    if report is not None:
+        print_report(report)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, one repetition")
+    parser.add_argument("--reps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument("--nproc", type=int, default=2, help="ranks to spawn when not under torchrun")
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args()
+    if "RANK" in os.environ:  # under torchrun
+        dist.init_process_group("gloo")
+        try:
+            main_rank(args)
+        finally:
+            dist.destroy_process_group()
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_spawned, args=(args.nproc, port, args), nprocs=args.nproc,
+                                          start_method="spawn")
+
+
+if __name__ == "__main__":
+    main()
