@@ -27,7 +27,9 @@ __all__ = [
     "check_choice",
     "check_int",
     "check_lr",
+    "check_paths",
     "check_range",
+    "foreach_adam_moments_",
     "fused_kernel",
     "state_bytes",
 ]
@@ -105,9 +107,26 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     return value
 
 
+def check_paths(foreach: Any, fused: Any) -> None:
+    """``foreach=True`` and ``fused=True`` exclude each other, as in torch.optim."""
+    if foreach and fused:
+        raise ValueError("Invalid foreach/fused: foreach=True and fused=True cannot be used together")
+
+
 # --------------------------------------------------------------------------------------------
-# Fused kernels
+# Multi-tensor and fused kernels
 # --------------------------------------------------------------------------------------------
+
+
+def foreach_adam_moments_(exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor], grads: list[torch.Tensor],
+                          beta1: float, beta2: float) -> None:
+    """Adam's moment updates in place with ``torch._foreach_*`` ops:
+    ``m <- beta1 m + (1-beta1) g``, ``v <- beta2 v + (1-beta2) g^2``."""
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, torch._foreach_mul(grads, 1 - beta1))
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_add_(exp_avg_sqs, torch._foreach_mul(torch._foreach_mul(grads, grads), 1 - beta2))
+
 
 
 def fused_kernel(fn: Callable) -> Callable:
@@ -188,6 +207,25 @@ class ZooOptimizer(Optimizer):
         if foreach is not None:
             return foreach
         return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+    def _path(self, group: dict, params: Sequence[torch.Tensor]) -> str:
+        """``"fused"``, ``"foreach"`` or ``"single"`` for this group's ``fused``/``foreach`` flags."""
+        if group.get("fused"):
+            return "fused"
+        return "foreach" if self._use_foreach(group["foreach"], params) else "single"
+
+    @staticmethod
+    def _fusable(*tensors: torch.Tensor) -> bool:
+        """Whether a fused kernel can take flat views of ``tensors`` (contiguous, more than one element)."""
+        return tensors[0].numel() > 1 and all(t.is_contiguous() for t in tensors)
+
+    @staticmethod
+    def _closure_loss(closure: Callable | None) -> Any:
+        """The loss from ``closure`` (re-evaluated with gradients enabled), or None."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
 
     @staticmethod
     def _scalars(device: torch.device, *values: float) -> tuple[torch.Tensor, ...]:

@@ -149,10 +149,7 @@ class MatrixOptimizer(ZooOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             pairs = self._grads(group)
             if not pairs:

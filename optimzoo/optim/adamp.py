@@ -20,7 +20,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..distributed.reduce import global_amax, global_sum
-from ._base import ZooOptimizer, check_betas, check_lr, check_range, fused_kernel
+from ._base import ZooOptimizer, check_betas, check_lr, check_paths, check_range, foreach_adam_moments_, fused_kernel
 
 __all__ = ["SGDP", "AdamP", "project_scale_invariant"]
 
@@ -155,10 +155,7 @@ def _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, bc2_sqrts, step_si
     for (device, _), ((ps, gs, ms, vs), idx) in grouped.items():
         bc2 = [bc2_sqrts[i] for i in idx]
         steps = [step_sizes[i] for i in idx]
-        torch._foreach_mul_(ms, beta1)
-        torch._foreach_add_(ms, torch._foreach_mul(gs, 1 - beta1))
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_add_(vs, torch._foreach_mul(torch._foreach_mul(gs, gs), 1 - beta2))
+        foreach_adam_moments_(ms, vs, gs, beta1, beta2)
         denom = torch._foreach_sqrt(vs)
         torch._foreach_div_(denom, bc2)
         torch._foreach_add_(denom, eps)
@@ -259,14 +256,8 @@ class _ProjectionOptimizer(ZooOptimizer):
         check_range("weight_decay", defaults["weight_decay"], 0.0)
         check_range("delta", defaults["delta"], 0.0)
         check_range("wd_ratio", defaults["wd_ratio"], 0.0, 1.0)
-        if defaults["foreach"] and defaults["fused"]:
-            raise ValueError("Invalid foreach/fused: foreach=True and fused=True cannot be used together")
+        check_paths(defaults["foreach"], defaults["fused"])
         super().__init__(params, defaults)
-
-    def _path(self, group: dict, params: list[torch.Tensor]) -> str:
-        if group["fused"]:
-            return "fused"
-        return "foreach" if self._use_foreach(group["foreach"], params) else "single"
 
     @staticmethod
     def _views(p: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -328,10 +319,7 @@ class AdamP(_ProjectionOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             pairs = self._grads(group)
             if not pairs:
@@ -414,10 +402,7 @@ class SGDP(_ProjectionOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             pairs = self._grads(group)
             if not pairs:

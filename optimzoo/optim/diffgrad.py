@@ -18,7 +18,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ._base import ZooOptimizer, check_betas, check_lr, check_range, fused_kernel
+from ._base import ZooOptimizer, check_betas, check_lr, check_paths, check_range, foreach_adam_moments_, fused_kernel
 
 __all__ = ["DiffGrad"]
 
@@ -47,10 +47,7 @@ def _multi_tensor_diffgrad(params, grads, exp_avgs, exp_avg_sqs, previous_grads,
     for (ps, gs, ms, vs, prevs), idx in grouped.values():
         if weight_decay:
             gs = torch._foreach_add(gs, torch._foreach_mul(ps, weight_decay))
-        torch._foreach_mul_(ms, beta1)
-        torch._foreach_add_(ms, torch._foreach_mul(gs, 1 - beta1))
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_add_(vs, torch._foreach_mul(torch._foreach_mul(gs, gs), 1 - beta2))
+        foreach_adam_moments_(ms, vs, gs, beta1, beta2)
         denom = torch._foreach_sqrt(vs)
         torch._foreach_add_(denom, eps)
         friction = torch._foreach_sub(prevs, gs)
@@ -102,18 +99,14 @@ class DiffGrad(ZooOptimizer):
         check_betas(betas)
         check_range("eps", eps, 0.0, low_open=True)
         check_range("weight_decay", weight_decay, 0.0)
-        if foreach and fused:
-            raise ValueError("Invalid foreach/fused: foreach=True and fused=True cannot be used together")
+        check_paths(foreach, fused)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             pairs = self._grads(group)
             if not pairs:
@@ -133,14 +126,15 @@ class DiffGrad(ZooOptimizer):
                 vs.append(state["exp_avg_sq"])
                 prevs.append(state["previous_grad"])
                 step_sizes.append(lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
-            if not group["fused"] and self._use_foreach(group["foreach"], params):
+            path = self._path(group, params)
+            if path == "foreach":
                 _multi_tensor_diffgrad(params, grads, ms, vs, prevs, step_sizes, beta1=beta1, beta2=beta2, eps=eps,
                                        weight_decay=wd)
                 continue
             for p, g, m, v, prev, ss in zip(params, grads, ms, vs, prevs, step_sizes):
                 scalars = self._scalars(p.device, beta1, 1 - beta1, beta2, 1 - beta2, eps, ss, wd)
                 tensors = (p, g, m, v, prev)
-                if group["fused"] and p.numel() > 1 and all(t.is_contiguous() for t in tensors):
+                if path == "fused" and self._fusable(*tensors):
                     _fused_diffgrad(*(t.view(-1) for t in tensors), *scalars, decay=bool(wd))
                 else:
                     _single_tensor_diffgrad(*tensors, *scalars, decay=bool(wd))

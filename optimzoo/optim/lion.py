@@ -24,7 +24,16 @@ from torch.optim import Optimizer
 
 from ..distributed.reduce import is_sharded
 from ..ops.kappa import KAPPAS, kappa_grad, kappa_grad_foreach
-from ._base import ZooOptimizer, check_betas, check_choice, check_int, check_lr, check_range, fused_kernel
+from ._base import (
+    ZooOptimizer,
+    check_betas,
+    check_choice,
+    check_int,
+    check_lr,
+    check_paths,
+    check_range,
+    fused_kernel,
+)
 from ._matrix import ns_compute_dtype
 
 __all__ = ["Lion", "LionK", "lion"]
@@ -291,8 +300,7 @@ class Lion(ZooOptimizer):
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_choice("foreach", group["foreach"], (None, False, True))
         check_choice("fused", group["fused"], (None, False, True))
-        if group["foreach"] and group["fused"]:
-            raise ValueError("Invalid foreach/fused: foreach=True and fused=True cannot be used together")
+        check_paths(group["foreach"], group["fused"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its hyperparameter overrides are validated like the constructor's."""
@@ -308,10 +316,7 @@ class Lion(ZooOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             pairs = self._grads(group)
             if not pairs:

@@ -23,7 +23,16 @@ import torch
 from torch.optim import Optimizer
 
 from ..distributed.reduce import global_amax, global_sum
-from ._base import ZooOptimizer, check_betas, check_int, check_lr, check_range, fused_kernel
+from ._base import (
+    ZooOptimizer,
+    check_betas,
+    check_int,
+    check_lr,
+    check_paths,
+    check_range,
+    foreach_adam_moments_,
+    fused_kernel,
+)
 
 __all__ = ["SPAM", "StableSPAM"]
 
@@ -108,10 +117,7 @@ def _multi_tensor_spam(params, grads, exp_avgs, exp_avg_sqs, step_sizes, *, beta
             masks = [g * g > lim for g, lim in zip(gs, limits)]
             gs = [torch.where(m, g.sign() * lim.sqrt(), g) for m, g, lim in zip(masks, gs, limits)]
             counts += [count_true(m) for m in masks]
-        torch._foreach_mul_(ms, beta1)
-        torch._foreach_add_(ms, torch._foreach_mul(gs, 1 - beta1))
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_add_(vs, torch._foreach_mul(torch._foreach_mul(gs, gs), 1 - beta2))
+        foreach_adam_moments_(ms, vs, gs, beta1, beta2)
         denom = torch._foreach_sqrt(vs)
         torch._foreach_add_(denom, eps)
         update = torch._foreach_div(ms, denom)
@@ -179,19 +185,9 @@ class _SpikeAware(ZooOptimizer):
         check_betas(defaults["betas"])
         check_range("eps", defaults["eps"], 0.0, low_open=True)
         check_range("weight_decay", defaults["weight_decay"], 0.0)
-        if defaults["foreach"] and defaults["fused"]:
-            raise ValueError("Invalid foreach/fused: foreach=True and fused=True cannot be used together")
+        check_paths(defaults["foreach"], defaults["fused"])
         self._counters = {"clipped": [], "entries": 0, "resets": 0, "scales": []}
         super().__init__(params, defaults)
-
-    def _path(self, group: dict, params: list[torch.Tensor]) -> str:
-        if group["fused"]:
-            return "fused"
-        return "foreach" if self._use_foreach(group["foreach"], params) else "single"
-
-    @staticmethod
-    def _fusable(*tensors: torch.Tensor) -> bool:
-        return tensors[0].numel() > 1 and all(t.is_contiguous() for t in tensors)
 
     def metrics(self) -> dict[str, float]:
         """Spike counters since the last call (then reset): ``clip_fraction`` (clipped gradient entries /
@@ -283,10 +279,7 @@ class SPAM(_SpikeAware):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         reset_now = False
         for group in self.param_groups:
             k = group["spam_total_step"] + 1
@@ -432,10 +425,7 @@ class StableSPAM(_SpikeAware):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         reset_now = False
         for group in self.param_groups:
             group["stable_spam_total_steps"] += 1
