@@ -137,6 +137,7 @@ def parity_case(name: str, hp: dict, kind: str) -> dict:
         reference = full_params(model)
         out["single_transforms"] = single[0]
         out["matrices"] = len(opt.routing_plan.names("matrix"))
+        out["row_local"] = hasattr(opt, "_transform_row_blocks")
 
     model, opt = build(name, shard(make_model(kind)), **hp)
     counter = count_transforms(opt)

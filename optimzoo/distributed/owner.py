@@ -70,7 +70,8 @@ def transform_sharded(opt, group: dict, params: Sequence[torch.Tensor], updates:
                       states: Sequence[dict]) -> list[torch.Tensor]:
     """Stage 2 of ``opt`` for a group holding ``DTensor`` parameters; returns one update per parameter,
     placed like the parameter. Row-sharded matrices go through the owner-based exchange (one round
-    per process group), the others are transformed locally."""
+    per process group), or, for optimizers whose transform couples rows only through column sums
+    (``opt._transform_row_blocks``, SinkGD), stay where they are; the others are transformed locally."""
     outs: list[torch.Tensor | None] = [None] * len(params)
     rounds: dict[tuple[int, int], list[int]] = {}
     local: list[int] = []
@@ -86,10 +87,14 @@ def transform_sharded(opt, group: dict, params: Sequence[torch.Tensor], updates:
                                        [_local(updates[i]) for i in local], local_states)
         for i, o in zip(local, results):
             outs[i] = _like(o, params[i])
+    row_local = hasattr(opt, "_transform_row_blocks") and not opt.row_state
     for (_, dim), idx in rounds.items():
         pg = params[idx[0]].device_mesh.get_group(dim)
-        results = _owner_round(opt, group, pg, [params[i] for i in idx], [updates[i] for i in idx],
-                               [states[i] for i in idx])
+        if row_local:
+            results = _row_block_round(opt, group, pg, [params[i] for i in idx], [updates[i] for i in idx])
+        else:
+            results = _owner_round(opt, group, pg, [params[i] for i in idx], [updates[i] for i in idx],
+                                   [states[i] for i in idx])
         for i, o in zip(idx, results):
             outs[i] = o
     return outs  # type: ignore[return-value]
@@ -102,6 +107,29 @@ def _like(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+
+
+def _row_block_round(opt, group: dict, pg, params, updates) -> list[torch.Tensor]:
+    """Each rank transforms its own row blocks (same-shape matrices stacked); the transform's column sums
+    are all-reduced over ``pg``. Every rank makes the same calls, in the same order (buckets are keyed
+    by the global shapes), so the collectives match even for ranks that hold no rows."""
+    from ..optim._matrix import matrix_shape
+
+    def col_sum(x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=pg)
+        return x
+
+    outs: list[torch.Tensor | None] = [None] * len(params)
+    buckets: dict[tuple, list[int]] = {}
+    for j, (p, u) in enumerate(zip(params, updates)):
+        buckets.setdefault((tuple(p.shape), u.dtype), []).append(j)
+    for (shape, _), idx in buckets.items():
+        m, n = matrix_shape(shape)
+        blocks = [_local(updates[j]) for j in idx]
+        Y = opt._transform_row_blocks(group, torch.stack([b.reshape(-1, n) for b in blocks]), m, col_sum)
+        for k, j in enumerate(idx):
+            outs[j] = _like(Y[k].reshape(blocks[k].shape), params[j])
+    return outs  # type: ignore[return-value]
 
 
 @dataclass

@@ -19,6 +19,7 @@ cross-rank reduction hook is needed here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -64,7 +65,14 @@ def col_normalize(X: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return X * (math.sqrt(X.size(-2)) / norms)
 
 
-def sr_sinkhorn(X: torch.Tensor, iterations: int = 5, eps: float = 1e-8) -> torch.Tensor:
+def _col_norms(X: torch.Tensor, col_sum: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    if col_sum is None:
+        return torch.linalg.vector_norm(X, dim=-2, keepdim=True)
+    return col_sum(X.square().sum(dim=-2, keepdim=True)).sqrt_()
+
+
+def sr_sinkhorn(X: torch.Tensor, iterations: int = 5, eps: float = 1e-8, *, rows: int | None = None,
+                col_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     r"""Square-root Sinkhorn multi-normalization (SinkGD, Scetbon et al., arXiv 2502.06742, Alg. 3).
 
     ``iterations`` times: rows to l2 norm ``sqrt(n)``, then columns to l2 norm ``sqrt(m)``
@@ -77,6 +85,9 @@ def sr_sinkhorn(X: torch.Tensor, iterations: int = 5, eps: float = 1e-8) -> torc
         X: ``(m, n)`` or ``(..., m, n)``.
         iterations: ``L`` (>= 0; 0 returns a float32 copy).
         eps: lower bound of every row and column norm.
+        rows, col_sum: for ``X`` a block of whole rows of a larger matrix (an FSDP2 row shard): the full
+            matrix's row count, and a function summing a ``(..., 1, n)`` tensor of per-block column sums
+            of squares over all blocks (an all-reduce). Row normalization needs no communication.
 
     Returns:
         A new float32 (float64 for float64 input) tensor of ``X``'s shape.
@@ -85,10 +96,10 @@ def sr_sinkhorn(X: torch.Tensor, iterations: int = 5, eps: float = 1e-8) -> torc
     if iterations < 0:
         raise ValueError(f"Invalid iterations: {iterations!r} (iterations must be >= 0)")
     X = X.to(_work_dtype(X), copy=True)
-    root_m, root_n = math.sqrt(X.size(-2)), math.sqrt(X.size(-1))
+    root_m, root_n = math.sqrt(X.size(-2) if rows is None else rows), math.sqrt(X.size(-1))
     for _ in range(iterations):
         X.mul_(torch.linalg.vector_norm(X, dim=-1, keepdim=True).clamp_min_(eps).reciprocal_().mul_(root_n))
-        X.mul_(torch.linalg.vector_norm(X, dim=-2, keepdim=True).clamp_min_(eps).reciprocal_().mul_(root_m))
+        X.mul_(_col_norms(X, col_sum).clamp_min_(eps).reciprocal_().mul_(root_m))
     return X
 
 

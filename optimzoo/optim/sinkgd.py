@@ -29,7 +29,8 @@ class SinkGD(MatrixOptimizer):
     with ``Q(X)``, ``R(X)`` the diagonal matrices of row and column l2 norms (clamped at ``eps``), i.e.
     :func:`optimzoo.ops.normalize.sr_sinkhorn`: every column of the update has norm exactly
     ``sqrt(m)`` and every row approximately ``sqrt(n)`` (RMS about 1). Norms and the iteration run in
-    float32. Same-shape matrices are processed as one batch. Matrix parameters keep no state at all;
+    float32. Same-shape matrices are processed as one batch. On FSDP2 row shards each rank normalizes
+    its own rows and all-reduces the column norms (exact, and cheaper than the owner-based exchange). Matrix parameters keep no state at all;
     vector parameters (embeddings, LM head, gains, biases) take an AdamW step (see
     :class:`MatrixOptimizer`).
 
@@ -68,3 +69,9 @@ class SinkGD(MatrixOptimizer):
 
     def _transform(self, group, U, rows):
         return sr_sinkhorn(U, group["iterations"], group["eps"])
+
+    def _transform_row_blocks(self, group, X, rows, col_sum):
+        """Stage 2 on row shards (FSDP2): rows are whole on every rank, so each rank normalizes its own
+        block and only the column sums of squares are all-reduced (``n`` values per matrix and
+        iteration) instead of moving whole matrices to an owner."""
+        return sr_sinkhorn(X, group["iterations"], group["eps"], rows=rows, col_sum=col_sum)
