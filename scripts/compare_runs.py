@@ -198,12 +198,13 @@ def plot(best: list[tuple[Run, list[float]]], out: Path, logx: bool = False, tit
              ("loss_vs_time.png", "elapsed_s", "loss", "wall time (s)", "train loss")]
     for fname, x, y, xlabel, ylabel in specs:
         fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-        for run, _ in best:
+        for i, (run, _) in enumerate(best):
             xs, ys = run.series(x, y)
             if not xs and y == "eval_loss":  # no eval during training: fall back to the train loss
                 xs, ys = run.series(x, "loss")
             if xs:
                 ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3, linewidth=1.4,
+                        linestyle=("-", "--", ":")[i // 10 % 3],  # the colour cycle has 10 colours
                         label=f"{run.optim} (lr {run.lr:g})")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
