@@ -217,15 +217,18 @@ def test_recipe_packed_mode_and_transformers_optimizer(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("optim,lr", [("adamp", "1e-3"), ("normuon", "0.02")])
-def test_recipe_under_torchrun_with_fsdp2(tmp_path, optim, lr):
-    proc = run_recipe(tmp_path, "--fsdp2", "--optim", optim, "--learning_rate", lr, "--max_steps", "6",
+@pytest.mark.parametrize("optim,lr,mode", [("adamp", "1e-3", "fsdp2"), ("normuon", "0.02", "fsdp2"),
+                                           ("normuon", "0.02", "ddp")])
+def test_recipe_under_torchrun(tmp_path, optim, lr, mode):
+    flags = ["--fsdp2"] if mode == "fsdp2" else []
+    proc = run_recipe(tmp_path, *flags, "--optim", optim, "--learning_rate", lr, "--max_steps", "6",
                       "--logging_steps", "3", "--report_to", "none", nproc=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((tmp_path / "runs" / f"llama_tiny-{optim}-lr{float(lr):g}-s0" / "run_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
     assert math.isfinite(summary["eval_loss"])
     assert proc.stdout.count("optimzoo: llama_tiny-") == 1  # one main process, not two
+    assert summary["tokens_seen"] > 6 * 8 * 256  # both ranks read different data: more than one rank's slots
 
 
 def _logged_losses(run_dir: Path) -> dict[int, float]:
