@@ -122,10 +122,9 @@ def foreach_adam_moments_(exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.
                           beta1: float, beta2: float) -> None:
     """Adam's moment updates in place with ``torch._foreach_*`` ops:
     ``m <- beta1 m + (1-beta1) g``, ``v <- beta2 v + (1-beta2) g^2``."""
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, torch._foreach_mul(grads, 1 - beta1))
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # one pass, no temporaries (as torch.optim.Adam)
     torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_add_(exp_avg_sqs, torch._foreach_mul(torch._foreach_mul(grads, grads), 1 - beta2))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
 
 
 

@@ -52,15 +52,10 @@ def _multi_tensor_diffgrad(params, grads, exp_avgs, exp_avg_sqs, previous_grads,
         torch._foreach_add_(denom, eps)
         friction = torch._foreach_sub(prevs, gs)
         torch._foreach_abs_(friction)
-        torch._foreach_neg_(friction)
-        torch._foreach_exp_(friction)
-        torch._foreach_add_(friction, 1.0)
-        torch._foreach_reciprocal_(friction)
+        torch._foreach_sigmoid_(friction)  # 1 / (1 + exp(-|g_prev - g|))
         torch._foreach_copy_(prevs, gs)
-        update = torch._foreach_mul(ms, friction)
-        torch._foreach_div_(update, denom)
-        torch._foreach_mul_(update, [step_sizes[i] for i in idx])
-        torch._foreach_sub_(ps, update)
+        torch._foreach_mul_(friction, ms)
+        torch._foreach_addcdiv_(ps, friction, denom, [-step_sizes[i] for i in idx])
 
 
 class DiffGrad(ZooOptimizer):
