@@ -48,7 +48,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from optimzoo.hf import PretrainTrainer, ZooTrainingArguments
-from optimzoo.hf.data import byte_tokenizer, embedded_corpus, tokenize_dataset
+from optimzoo.hf.data import byte_tokenizer, embedded_corpus, holdout_split, tokenize_dataset
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -171,13 +171,7 @@ def load_data(args: DataArguments, seed: int):
         raw = datasets.load_dataset("text", data_files=files, sample_by=args.sample_by)
         raw = raw.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True)
         if "validation" not in raw:
-            import zlib
-
-            held = [zlib.crc32(t.encode()) % 10_000 < args.validation_percent * 100 for t in raw["train"]["text"]]
-            raw = datasets.DatasetDict({
-                "train": raw["train"].select([i for i, h in enumerate(held) if not h]),
-                "validation": raw["train"].select([i for i, h in enumerate(held) if h]),
-            })
+            raw = holdout_split(raw["train"], args.validation_percent)
         return raw["train"], raw["validation"]
     corpus = embedded_corpus(args.validation_percent)
     return corpus["train"], corpus["validation"]

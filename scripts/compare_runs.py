@@ -128,7 +128,6 @@ def load_run_dir(run_dir: Path, source: str = "auto") -> Run | None:
         state = json.loads(state_file.read_text())
         config_file = run_dir / "run_summary.json"
         config = json.loads(config_file.read_text()) if config_file.exists() else {}
-        config.setdefault("learning_rate", config.get("learning_rate"))
         return _make_run(config, state["log_history"], "trainer_state", run_dir.name)
     return None
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import optimzoo  # noqa: E402
 
@@ -45,11 +45,8 @@ MATRIX_ADAMW_LR = 3e-3
 
 
 def default_optimizers() -> list[str]:
-    return ["adamw"] + list_zoo()
-
-
-def list_zoo() -> list[str]:
-    return [s.name for s in optimzoo.list_optimizers(baselines=False)]
+    """AdamW and every registered zoo optimizer."""
+    return ["adamw"] + optimzoo.list_optimizers(baselines=False).names()
 
 
 def optim_args(name: str, extra: str | None) -> str | None:
@@ -133,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.time() - t0:.0f} s  [{time.time() - started:.0f} s total]", flush=True)
     if args.dry_run:
         return 0
-    sys.path.insert(0, str(ROOT / "scripts"))
     import compare_runs
 
     compare_runs.main([str(group_dir), "--title", f"{model}, {args.max_steps} steps, seed {args.seed}"])

@@ -171,6 +171,14 @@ def run_pair(zoo_cls, ref_cls, hparams, n_steps, spike_step, path, *, check_each
     return opt, worst
 
 
+PATHS = pytest.mark.parametrize("path", ["single", "foreach", pytest.param("fused", marks=pytest.mark.slow)])
+
+
+def reset_steps(log: list[dict]) -> list[int]:
+    """The (1-based) steps whose metrics report a momentum reset."""
+    return [k for k, m in enumerate(log, 1) if m["resets"]]
+
+
 SPAM_CASES = {
     "wd0": dict(lr=1e-2, warmup_steps=8, threshold=50.0, DeltaT=20, grad_accu_steps=5),
     "wd": dict(lr=1e-2, weight_decay=0.1, warmup_steps=8, threshold=50.0, DeltaT=20, grad_accu_steps=5),
@@ -179,13 +187,13 @@ SPAM_CASES = {
 }
 
 
-@pytest.mark.parametrize("path", ["single", "foreach", pytest.param("fused", marks=pytest.mark.slow)])
+@PATHS
 @pytest.mark.parametrize("case", sorted(SPAM_CASES))
 def test_spam_matches_official(case, path):
     log: list[dict] = []
     # 65 steps: resets at 20, 40, 60; the spike at 33 falls where clipping is on (33 % 20 >= 5)
     run_pair(SPAM, RefSPAM, SPAM_CASES[case], 65, spike_step=33, path=path, metrics_log=log)
-    assert [k for k, m in enumerate(log, 1) if m["resets"]] == [20, 40, 60]
+    assert reset_steps(log) == [20, 40, 60]
     clipped = [k for k, m in enumerate(log, 1) if m.get("clip_fraction", 0) > 0]
     assert 33 in clipped, "the 1000x spike was not clipped"
     assert all(k >= 5 and k % 20 >= 5 for k in clipped), "clipping outside its window"
@@ -199,13 +207,13 @@ STABLE_CASES = {
 }
 
 
-@pytest.mark.parametrize("path", ["single", "foreach", pytest.param("fused", marks=pytest.mark.slow)])
+@PATHS
 @pytest.mark.parametrize("case", sorted(STABLE_CASES))
 def test_stable_spam_matches_official(case, path):
     log: list[dict] = []
     # 50 steps: resets at 15, 30, 45; spike at 22
     run_pair(StableSPAM, RefStableSPAM, STABLE_CASES[case], 50, spike_step=22, path=path, metrics_log=log)
-    assert [k for k, m in enumerate(log, 1) if m["resets"]] == [15, 30, 45]
+    assert reset_steps(log) == [15, 30, 45]
     assert log[21]["clip_fraction"] > 0, "the 1000x spike was not clipped"
     # AdaGN: the spike inflates v_norm, so the scale c falls over the following steps
     assert log[25]["adagn_scale"] < 0.75 * log[20]["adagn_scale"], "AdaGN did not damp after the spike"

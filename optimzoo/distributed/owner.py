@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..optim._matrix import matrix_shape, shape_buckets
+
 __all__ = ["row_state_like", "shard_rows", "transform_sharded"]
 
 
@@ -113,17 +115,12 @@ def _row_block_round(opt, group: dict, pg, params, updates) -> list[torch.Tensor
     """Each rank transforms its own row blocks (same-shape matrices stacked); the transform's column sums
     are all-reduced over ``pg``. Every rank makes the same calls, in the same order (buckets are keyed
     by the global shapes), so the collectives match even for ranks that hold no rows."""
-    from ..optim._matrix import matrix_shape
-
     def col_sum(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, group=pg)
         return x
 
     outs: list[torch.Tensor | None] = [None] * len(params)
-    buckets: dict[tuple, list[int]] = {}
-    for j, (p, u) in enumerate(zip(params, updates)):
-        buckets.setdefault((tuple(p.shape), u.dtype), []).append(j)
-    for (shape, _), idx in buckets.items():
+    for (shape, _, _), idx in shape_buckets(params, updates).items():
         m, n = matrix_shape(shape)
         blocks = [_local(updates[j]) for j in idx]
         Y = opt._transform_row_blocks(group, torch.stack([b.reshape(-1, n) for b in blocks]), m, col_sum)
@@ -169,11 +166,8 @@ def _owner_round(opt, group: dict, pg, params, updates, states) -> list[torch.Te
     wire = functools.reduce(torch.promote_types, (u.dtype for u in updates), torch.float32)
     device = _local(params[0]).device
 
-    by_shape: dict[tuple, list[int]] = {}
-    for i, (p, u) in enumerate(zip(params, updates)):
-        by_shape.setdefault((tuple(p.shape), u.dtype), []).append(i)
     plan, start = [], 0
-    for (shape, dtype), idx in by_shape.items():
+    for (shape, dtype, _), idx in shape_buckets(params, updates).items():
         m = shape[0]
         widths = [_local(states[idx[0]][k]).size(-1) for k in keys]
         plan.append(_Bucket(shape, dtype, idx, start, world, m, math.prod(shape[1:]), widths, -(-m // world),

@@ -21,7 +21,7 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-__all__ = ["byte_tokenizer", "embedded_corpus", "shakespeare_documents", "tokenize_dataset"]
+__all__ = ["byte_tokenizer", "embedded_corpus", "holdout_split", "shakespeare_documents", "tokenize_dataset"]
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
@@ -63,14 +63,18 @@ def shakespeare_documents(max_chars: int = 320) -> list[str]:
     return docs
 
 
+def holdout_split(ds: datasets.Dataset, validation_percent: float = 1.0,
+                  text_column: str = "text") -> datasets.DatasetDict:
+    """``{"train", "validation"}`` of ``ds``: a document is held out when the CRC32 of its text falls in the
+    first ``validation_percent`` percent, so the split depends on content only and never moves."""
+    held = [zlib.crc32(t.encode()) % 10_000 < validation_percent * 100 for t in ds[text_column]]
+    return datasets.DatasetDict({"train": ds.select([i for i, h in enumerate(held) if not h]),
+                                 "validation": ds.select([i for i, h in enumerate(held) if h])})
+
+
 def embedded_corpus(validation_percent: float = 1.0) -> datasets.DatasetDict:
-    """:func:`shakespeare_documents` as ``{"train", "validation"}``: a document is held out when the CRC32
-    of its text falls in the first ``validation_percent`` percent, so the split never changes."""
-    train, val = [], []
-    for doc in shakespeare_documents():
-        (val if zlib.crc32(doc.encode()) % 10_000 < validation_percent * 100 else train).append(doc)
-    return datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
-                                 "validation": datasets.Dataset.from_dict({"text": val})})
+    """:func:`shakespeare_documents` split by :func:`holdout_split`."""
+    return holdout_split(datasets.Dataset.from_dict({"text": shakespeare_documents()}), validation_percent)
 
 
 # ------------------------------------------------------------------ tokenizer

@@ -24,8 +24,9 @@ name               ``K(x)``                                ``kappa(x) = grad K(x
 (momentum of ``+g``, step ``-lr kappa(.)``) for the paper's negative-gradient momentum.
 
 Norms are over the *whole* tensor (one parameter tensor is one ``x``). All whole-tensor reductions
-go through :func:`tensor_sum` and :func:`tensor_abs_max`, the one place a sharded (FSDP) version
-would reduce across ranks; nothing here is DTensor-aware yet.
+go through :func:`tensor_sum` and :func:`tensor_abs_max`, which are exact on row-sharded (FSDP2)
+``DTensor`` s too (local reduction plus an all-reduce, :mod:`optimzoo.distributed.reduce`); every map
+but ``nuclear`` (which needs the whole matrix) therefore runs on shards as they are.
 
 Zero inputs map to zero (``0/0 -> 0``, never NaN). Scalars ``p`` and ``a`` may be Python floats or 0-d
 tensors (the fused optimizer kernel passes tensors, so one compiled kernel serves every value). The
@@ -38,6 +39,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..distributed.reduce import global_amax, global_sum
 from .orthogonalize import newton_schulz
 
 __all__ = [
@@ -62,19 +64,19 @@ Scalar = float | torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------
-# Whole-tensor reductions. Under FSDP a parameter is sharded, and these are the only functions
-# that would need a cross-rank all-reduce (SUM for tensor_sum, MAX for tensor_abs_max).
+# Whole-tensor reductions, shared by every optimizer that needs one (Lion-K, SPAM, Stable-SPAM).
+# Under FSDP a parameter is sharded: these all-reduce across the shards (SUM, MAX).
 # --------------------------------------------------------------------------------------------
 
 
-def tensor_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of all elements of ``x`` (0-d)."""
-    return x.sum()
+def tensor_sum(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum of all elements of ``x`` (0-d), accumulated in ``dtype`` if given."""
+    return global_sum(x, dtype)
 
 
 def tensor_abs_max(x: torch.Tensor) -> torch.Tensor:
-    """``max_i |x_i|`` over the whole tensor (0-d); ``x`` must not be empty."""
-    return x.abs().amax()
+    """``max_i |x_i|`` over the whole tensor (0-d); ``x`` must not be empty (a shard may be)."""
+    return global_amax(x.abs())
 
 
 def tensor_l2_norm(x: torch.Tensor) -> torch.Tensor:

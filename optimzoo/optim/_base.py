@@ -127,7 +127,6 @@ def foreach_adam_moments_(exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
 
 
-
 def fused_kernel(fn: Callable) -> Callable:
     """Return ``fn`` compiled by ``torch.compile`` (dynamic shapes, whole graph), built on first call.
 
@@ -195,6 +194,14 @@ class ZooOptimizer(Optimizer):
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
         return state["step"]
+
+    @staticmethod
+    def _zeros_state(state: dict, p: torch.Tensor, *keys: str) -> list[torch.Tensor]:
+        """The state tensors ``keys`` of ``p``, each created as zeros like ``p`` on first use (lazy state)."""
+        for key in keys:
+            if key not in state:
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return [state[key] for key in keys]
 
     @staticmethod
     def _use_foreach(foreach: bool | None, tensors: Sequence[torch.Tensor]) -> bool:

@@ -65,6 +65,15 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
     return rows, cols
 
 
+def shape_buckets(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices of the matrices that can be stacked and transformed together, keyed by
+    ``(global shape, update dtype, update device)`` in first-seen order (the same on every rank)."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, (p, u) in enumerate(zip(params, updates)):
+        buckets.setdefault((tuple(p.shape), u.dtype, u.device), []).append(i)
+    return buckets
+
+
 def adjusted_lr_scale(adjust_lr: str | None, rows: int, cols: int) -> float:
     """The factor multiplying ``lr`` for a ``rows x cols`` matrix update.
 
@@ -164,13 +173,11 @@ class MatrixOptimizer(ZooOptimizer):
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p, g in pairs:
             state = self.state[p]
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            m, v = self._zeros_state(state, p, "exp_avg", "exp_avg_sq")
             params.append(p)
             grads.append(g)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            exp_avgs.append(m)
+            exp_avg_sqs.append(v)
             steps.append(self._step_counter(state))
         beta1, beta2 = group["adamw_betas"]
         _adamw_kernel(
@@ -205,10 +212,7 @@ class MatrixOptimizer(ZooOptimizer):
     def _transform_local(self, group, params, updates, states) -> list[torch.Tensor]:
         """Stage 2 on whole (unsharded) matrices, batched by shape; row state is updated in ``states``."""
         outs: list[torch.Tensor | None] = [None] * len(params)
-        buckets: dict[tuple, list[int]] = {}
-        for i, (p, u) in enumerate(zip(params, updates)):
-            buckets.setdefault((tuple(p.shape), u.dtype, u.device), []).append(i)
-        for (shape, _, _), idx in buckets.items():
+        for (shape, _, _), idx in shape_buckets(params, updates).items():
             m, n = matrix_shape(shape)
             U = torch.stack([updates[i].reshape(m, n) for i in idx])
             rows = {k: torch.stack([states[i][k] for i in idx]) for k in self.row_state}

@@ -330,14 +330,12 @@ class AdamP(_ProjectionOptimizer):
             params, grads, ms, vs, bc2_sqrts, step_sizes = [], [], [], [], [], []
             for p, g in pairs:
                 state = self.state[p]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                m, v = self._zeros_state(state, p, "exp_avg", "exp_avg_sq")
                 t = float(self._step_counter(state).add_(1))
                 params.append(p)
                 grads.append(g)
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
+                ms.append(m)
+                vs.append(v)
                 bc2_sqrts.append(math.sqrt(1 - beta2**t))
                 step_sizes.append(lr / (1 - beta1**t))
             path = self._path(group, params)
@@ -411,12 +409,9 @@ class SGDP(_ProjectionOptimizer):
             wd_scaled = lr * group["weight_decay"] / (1 - momentum)
             params, grads, bufs = [], [], []
             for p, g in pairs:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 params.append(p)
                 grads.append(g)
-                bufs.append(state["momentum_buffer"])
+                bufs.extend(self._zeros_state(self.state[p], p, "momentum_buffer"))
             path = self._path(group, params)
             if path == "foreach":
                 _multi_tensor_sgdp(params, grads, bufs, lr=lr, momentum=momentum, dampening=group["dampening"],

@@ -111,15 +111,13 @@ class DiffGrad(ZooOptimizer):
             params, grads, ms, vs, prevs, step_sizes = [], [], [], [], [], []
             for p, g in pairs:
                 state = self.state[p]
-                if "exp_avg" not in state:
-                    for k in ("exp_avg", "exp_avg_sq", "previous_grad"):
-                        state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                m, v, prev = self._zeros_state(state, p, "exp_avg", "exp_avg_sq", "previous_grad")
                 t = float(self._step_counter(state).add_(1))
                 params.append(p)
                 grads.append(g)
-                ms.append(state["exp_avg"])
-                vs.append(state["exp_avg_sq"])
-                prevs.append(state["previous_grad"])
+                ms.append(m)
+                vs.append(v)
+                prevs.append(prev)
                 step_sizes.append(lr * math.sqrt(1 - beta2**t) / (1 - beta1**t))
             path = self._path(group, params)
             if path == "foreach":

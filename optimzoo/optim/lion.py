@@ -52,15 +52,11 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-#: maps that reduce over the whole tensor (norms, the polar factor); the others are element-wise
-_WHOLE_TENSOR = ("l2", "lp", "nuclear")
-
-
 def _kappa(kappa: str, c: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``kappa_grad(kappa, c)``; for a row-sharded ``DTensor`` and a whole-tensor map, evaluated on the
-    full tensor (gathered on every rank, so the value is the one-device value, bit for bit) and each
-    rank keeps its shard. Element-wise maps run on the shards as they are."""
-    if kappa in _WHOLE_TENSOR and is_sharded(c):
+    """``kappa_grad(kappa, c)``. On a row-sharded ``DTensor`` every map runs on the shards (the norms'
+    reductions are all-reduced in :mod:`optimzoo.ops.kappa`) except ``nuclear``, whose polar factor
+    needs the whole matrix: it is gathered, evaluated, and each rank keeps its shard."""
+    if kappa == "nuclear" and is_sharded(c):
         from torch.distributed.tensor import distribute_tensor
 
         full = kappa_grad(kappa, c.full_tensor(), **kwargs)
@@ -323,12 +319,9 @@ class Lion(ZooOptimizer):
                 continue
             params, grads, exp_avgs = [], [], []
             for p, g in pairs:
-                state = self.state[p]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 params.append(p)
                 grads.append(g)
-                exp_avgs.append(state["exp_avg"])
+                exp_avgs.extend(self._zeros_state(self.state[p], p, "exp_avg"))
             beta1, beta2 = group["betas"]
             fused = bool(group["fused"])
             lion(

@@ -22,7 +22,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ..distributed.reduce import global_amax, global_sum
+from ..ops.kappa import tensor_abs_max, tensor_l2_norm, tensor_sum
 from ._base import (
     ZooOptimizer,
     check_betas,
@@ -37,29 +37,9 @@ from ._base import (
 __all__ = ["SPAM", "StableSPAM"]
 
 
-# --------------------------------------------------------------------------------------------
-# Whole-tensor reductions (all-reduced across shards for DTensors, see optimzoo.distributed)
-# --------------------------------------------------------------------------------------------
-
-
-def tensor_abs_max(x: torch.Tensor) -> torch.Tensor:
-    """``max |x|`` over the whole tensor."""
-    return global_amax(x.abs())
-
-
-def tensor_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the whole tensor (float32 accumulation)."""
-    return global_sum(x, torch.float32)
-
-
-def tensor_l2_norm(x: torch.Tensor) -> torch.Tensor:
-    """``||x||_2`` over the whole tensor."""
-    return tensor_sum(x.float().square()).sqrt()
-
-
 def count_true(mask: torch.Tensor) -> torch.Tensor:
-    """Number of true entries (a 0-d float32 tensor, for the clip counters)."""
-    return tensor_sum(mask)
+    """Number of true entries in the whole tensor (a 0-d float32 tensor, for the clip counters)."""
+    return tensor_sum(mask, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +131,7 @@ def _single_tensor_stable_spam(param, grad, exp_avg, exp_avg_sq, m_norm, v_norm,
     mask = grad.abs() > threshold
     clipped_grad = torch.where(mask, grad / gmax * threshold, grad)
     # AdaGN: the gradient rescaled to norm c = m^_norm / (sqrt(v^_norm) + eps)
-    norm = tensor_l2_norm(clipped_grad)
+    norm = tensor_l2_norm(clipped_grad.float())
     m_norm.copy_(m_norm * gamma1 + norm * one_minus_gamma1)
     v_norm.copy_(v_norm * gamma2 + norm * norm * one_minus_gamma2)
     c = (m_norm / bc_gamma1) / ((v_norm / bc_gamma2).sqrt() + eps)
@@ -186,36 +166,44 @@ class _SpikeAware(ZooOptimizer):
         check_range("eps", defaults["eps"], 0.0, low_open=True)
         check_range("weight_decay", defaults["weight_decay"], 0.0)
         check_paths(defaults["foreach"], defaults["fused"])
-        self._counters = {"clipped": [], "entries": 0, "resets": 0, "scales": []}
+        self._reset_counters()
         super().__init__(params, defaults)
+
+    def _reset_counters(self) -> None:
+        # running totals since the last metrics(); tensor totals stay on the device (no sync in step())
+        self._clipped: torch.Tensor | None = None
+        self._entries = 0
+        self._resets = 0
+        self._scale_sum: torch.Tensor | None = None
+        self._scale_count = 0
 
     def metrics(self) -> dict[str, float]:
         """Spike counters since the last call (then reset): ``clip_fraction`` (clipped gradient entries /
         entries seen), ``resets`` (momentum resets), and for Stable-SPAM ``adagn_scale`` (mean AdaGN norm
         ``c``, about 1 when gradient norms are steady, below 1 after spikes)."""
-        c = self._counters
         out: dict[str, float] = {}
-        if c["entries"]:
-            out["clip_fraction"] = sum(float(x) for x in c["clipped"]) / c["entries"]
-        out["resets"] = float(c["resets"])
-        if c["scales"]:
-            out["adagn_scale"] = sum(float(x) for x in c["scales"]) / len(c["scales"])
-        self._counters = {"clipped": [], "entries": 0, "resets": 0, "scales": []}
+        if self._entries:
+            clipped = 0.0 if self._clipped is None else float(self._clipped)
+            out["clip_fraction"] = clipped / self._entries
+        out["resets"] = float(self._resets)
+        if self._scale_count:
+            out["adagn_scale"] = float(self._scale_sum) / self._scale_count
+        self._reset_counters()
         return out
 
-    def _count(self, clipped, entries: int, scales=None) -> None:
-        # device tensors: summed on the device, synchronized only in metrics()
-        self._counters["clipped"].append(torch.stack(list(clipped)).sum() if clipped else torch.zeros(()))
-        self._counters["entries"] += entries
-        if scales:
-            self._counters["scales"].append(torch.stack(list(scales)).mean())
+    @staticmethod
+    def _accumulate(total: torch.Tensor | None, values: list[torch.Tensor]) -> torch.Tensor:
+        s = torch.stack([v.to(values[0].device) for v in values]).sum()
+        return s if total is None else total + s.to(total.device)
 
-    def _compact(self) -> None:
-        """Keep the counter lists short between reads (one running sum per device)."""
-        for key in ("clipped",):
-            lst = self._counters[key]
-            if len(lst) > 64:
-                self._counters[key] = [sum(t.to(lst[0].device) for t in lst)]
+    def _count(self, entries: int, clipped: list[torch.Tensor] = (), scales: list[torch.Tensor] = ()) -> None:
+        """Add one step's counts: ``entries`` gradient entries seen, per-tensor clip counts and AdaGN scales."""
+        self._entries += entries
+        if clipped:
+            self._clipped = self._accumulate(self._clipped, clipped)
+        if scales:
+            self._scale_sum = self._accumulate(self._scale_sum, scales)
+            self._scale_count += len(scales)
 
 
 class SPAM(_SpikeAware):
@@ -296,8 +284,7 @@ class SPAM(_SpikeAware):
             group["spam_current_step"] += 1
             if delta_t > 0 and (k + 1) % delta_t == 0:
                 group["spam_current_step"] = 0
-        self._counters["resets"] += int(reset_now)
-        self._compact()
+        self._resets += int(reset_now)
         return loss
 
     def _update(self, group, pairs, reset: bool, clip: bool, scale: float) -> None:
@@ -307,15 +294,13 @@ class SPAM(_SpikeAware):
         params, grads, ms, vs, step_sizes = [], [], [], [], []
         for p, g in pairs:
             state = self.state[p]
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            m, v = self._zeros_state(state, p, "exp_avg", "exp_avg_sq")
             t = float(self._step_counter(state).add_(1))
             size = lr * (math.sqrt(1 - beta2**t) / (1 - beta1**t) if group["correct_bias"] else 1.0)
             params.append(p)
             grads.append(g)
-            ms.append(state["exp_avg"])
-            vs.append(state["exp_avg_sq"])
+            ms.append(m)
+            vs.append(v)
             step_sizes.append(size * scale)
         path = self._path(group, params)
         if path == "foreach":
@@ -332,10 +317,7 @@ class SPAM(_SpikeAware):
                 else:
                     c = _single_tensor_spam(p, g, m, v, *scalars, reset=reset, clip=clip)
                 counts.append(c)
-        if clip:
-            self._count([c.to(counts[0].device) for c in counts], sum(p.numel() for p in params))
-        else:
-            self._counters["entries"] += sum(p.numel() for p in params)
+        self._count(sum(p.numel() for p in params), counts if clip else [])
 
 
 class StableSPAM(_SpikeAware):
@@ -436,8 +418,7 @@ class StableSPAM(_SpikeAware):
             pairs = self._grads(group)
             if pairs:
                 self._update(group, pairs, reset, self.scale(total, group["total_T"], group["eta_min"]))
-        self._counters["resets"] += int(reset_now)
-        self._compact()
+        self._resets += int(reset_now)
         return loss
 
     def _update(self, group, pairs, reset: bool, scale: float) -> None:
@@ -450,9 +431,8 @@ class StableSPAM(_SpikeAware):
         clipped, scales, entries = [], [], 0
         for p, g in pairs:
             state = self.state[p]
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            m, v = self._zeros_state(state, p, "exp_avg", "exp_avg_sq")
+            if "m_norm" not in state:
                 for k in ("m_norm", "v_norm", "m_max"):
                     state[k] = torch.zeros((), dtype=torch.float32, device=p.device)
                 if fix:
@@ -468,7 +448,7 @@ class StableSPAM(_SpikeAware):
                 p.device, 1 - lr * group["weight_decay"], theta, 1 - theta, 1 - theta**t_norm, gamma1, 1 - gamma1,
                 1 - gamma1**t_norm, gamma2, 1 - gamma2, 1 - gamma2**t_norm, eps, beta1, 1 - beta1, beta2, 1 - beta2,
                 math.sqrt(1 - beta2**t), lr / (1 - beta1**t))
-            tensors = (p, g, state["exp_avg"], state["exp_avg_sq"])
+            tensors = (p, g, m, v)
             stats = (state["m_norm"], state["v_norm"], state["m_max"])
             flags = dict(zero_before=reset and fix, zero_after=reset and not fix)
             if use_fused and self._fusable(*tensors):
@@ -478,4 +458,4 @@ class StableSPAM(_SpikeAware):
             clipped.append(c)
             scales.append(s)
             entries += p.numel()
-        self._count(clipped, entries, scales)
+        self._count(entries, clipped, scales)
