@@ -7,9 +7,12 @@ set (the GaLore ``llama_60m`` shapes: 58.1M parameters) and stepped in interleav
 warm-up; the table reports median step time, the ratios to AdamW and to the fastest peer, measured in
 the same run, and the state bytes, checked against the registry's declared figure.
 
-It also measures this machine's memory-traffic bound (the best of several torch streaming kernels)
-and prints each element-wise optimizer's ratio to the time its minimal memory traffic takes; for the
-Newton-Schulz optimizers, batched vs per-matrix orthogonalization; and AuON vs NorMuon cost.
+It also measures this machine's memory-traffic floor and prints each element-wise optimizer's ratio
+to the time its minimal memory traffic takes. The floor is a streaming kernel (``add_`` over two flat
+tensors of the same size) stepped in the same interleaved rounds as the optimizers, and each ratio is
+the median over rounds of (step time / floor time of that round, scaled to the words moved): on a
+shared VM the bandwidth drifts by tens of percent within a minute, which paired rounds cancel. For
+the Newton-Schulz optimizers: batched vs per-matrix orthogonalization; and AuON vs NorMuon cost.
 
     python scripts/bench_step.py                 # full run (several minutes on 2 cores)
     python scripts/bench_step.py --quick         # tiny shapes, one repetition (CI smoke test)
@@ -79,11 +82,12 @@ def make_params(shapes, seed: int = 0) -> list[tuple[str, torch.nn.Parameter]]:
 #  diffgrad: read p, g, m, v, g_prev; write p, m, v, g_prev = 9.
 #  adamp: the projection needs per-row statistics of the new update before writing p: pass 1 reads
 #    p, g, m, v and writes m, v (statistics on the side), pass 2 reads p, m, v and writes p: 6 + 4 = 10.
-#  sgdp: likewise 4 + 3 = 7.
+#  sgdp: pass 1 reads p, g, b and writes b; pass 2 reads p and b and writes b (the projected update is
+#    stored back into the buffer) or, with Nesterov, reads p, b, g and writes p: 4 + 4 = 8.
 #  stable_spam: max|g| must be known before the clipped norm, which must be known before the update:
 #    two reads of g, then the Adam pass: 1 + 1 + 7 = 9.
 #  lion_k (sign kappa, the default): as lion, 5.
-MIN_WORDS = {"adamw": 7, "adam": 7, "sgd": 5, "adamp": 10, "sgdp": 7, "diffgrad": 9, "lion": 5,
+MIN_WORDS = {"adamw": 7, "adam": 7, "sgd": 5, "adamp": 10, "sgdp": 8, "diffgrad": 9, "lion": 5,
              "lion_k": 5, "spam": 7, "stable_spam": 9}
 
 
@@ -94,6 +98,7 @@ class Candidate:
     make: Callable[[list], torch.optim.Optimizer]
     ours: bool = False
     reference: bool = False  # torch.optim.AdamW foreach, the common yardstick
+    floor: bool = False  # the streaming kernel that measures the memory-traffic floor
     times: list[float] = field(default_factory=list)
     state_bytes: int = 0
     expected_bytes: int | None = None
@@ -255,22 +260,29 @@ def run_interleaved(cands: list[Candidate], named, reps: int, warmup: int, budge
     gc.collect()
 
 
-def streaming_bandwidth(numel: int, reps: int) -> tuple[float, dict[str, float]]:
-    """Best bytes/s over torch streaming kernels on ``numel`` floats (copy_: 2 words, add_/lerp_: 3)."""
-    a, b, c = (torch.randn(numel) for _ in range(3))
-    kernels = {"copy_": (lambda: a.copy_(b), 2), "add_": (lambda: a.add_(b), 3),
-               "lerp_": (lambda: a.lerp_(b, 0.1), 3), "add(out=)": (lambda: torch.add(a, b, out=c), 3)}
-    rates = {}
-    for name, (fn, words) in kernels.items():
-        fn()
-        ts = []
-        for _ in range(max(reps, 3)):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        rates[name] = words * 4 * numel / statistics.median(ts)
-    del a, b, c
-    return max(rates.values()), rates
+class StreamingFloor:
+    """``a.add_(b)`` over two flat float32 tensors of ``numel`` elements (3 words per element: the
+    fastest torch streaming kernel here), with the ``step()`` of an optimizer so that it is timed in
+    the same interleaved rounds as the candidates."""
+
+    WORDS = 3
+
+    def __init__(self, numel: int):
+        self.a, self.b = torch.randn(numel), torch.randn(numel)
+        self.state: dict = {}
+
+    def step(self) -> None:
+        self.a.add_(self.b)
+
+
+def floor_candidate(numel: int) -> Candidate:
+    return Candidate("memory-traffic floor (add_, same bytes)", "floor", lambda n: StreamingFloor(numel), floor=True)
+
+
+def paired_ratio(times: list[float], floor_times: list[float], words: int) -> float:
+    """Median over rounds of ``t / (floor t * words / 3)``: the ratio to the time ``words`` words per
+    element take at the bandwidth measured in the same round."""
+    return statistics.median(t / (f * words / StreamingFloor.WORDS) for t, f in zip(times, floor_times))
 
 
 def bench_newton_schulz(named, reps: int) -> dict:
@@ -330,7 +342,9 @@ def report(results: dict) -> str:
     lines = [f"Machine: {results['machine']}",
              f"Parameter set: {results['params']} ({results['numel']:,} parameters); median of "
              f"{results['reps']} interleaved repetitions after {results['warmup']} warm-up steps.",
-             f"Memory-traffic bound: {results['bandwidth_GBps']:.1f} GB/s (best torch streaming kernel).",
+             f"Memory-traffic floor: {results['bandwidth_GBps']:.1f} GB/s median (add_ streaming kernel, interleaved "
+             f"with the steps; range over rounds {results['bandwidth_range_GBps'][0]:.1f}-"
+             f"{results['bandwidth_range_GBps'][1]:.1f} GB/s). x bound: median of per-round ratios.",
              "Matrix optimizers and their peers are timed on the hidden matrices only "
              f"({results['hidden_numel']:,} parameters).", "",
              "| optimizer | implementation | step ms | x AdamW | x fastest peer | x bound | state MB | "
@@ -379,27 +393,30 @@ def main(argv=None) -> int:
     specs = [optimzoo.get_spec(n) for n in args.only.split(",")] if args.only else list(optimzoo.list_optimizers())
     fused = not (args.quick or args.no_fused)
 
-    bw, rates = streaming_bandwidth(numel, reps)
     results = {"machine": machine(), "params": "llama_tiny-quick" if args.quick else "llama_60m (GaLore)",
                "numel": numel, "hidden_numel": sum(p.numel() for n, p in named if p.dim() == 2
                                                    and "embed" not in n and "lm_head" not in n),
-               "reps": reps, "warmup": warmup, "bandwidth_GBps": bw / 1e9,
-               "streaming_GBps": {k: v / 1e9 for k, v in rates.items()}, "rows": []}
+               "reps": reps, "warmup": warmup, "rows": []}
+    floor_times: list[float] = []
     hidden = [(n, p) for n, p in named if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
     for spec in specs:
         # Matrix optimizers (and their peers, some of which take 2-D parameters only) are timed on the
         # hidden matrices; their AdamW part on embeddings/head/norms is torch's AdamW kernel.
         fam = hidden if spec.kind == "matrix" else named
         fam_numel = sum(p.numel() for _, p in fam)
-        cands = candidates_for(spec, fam, fused)
+        bound = MIN_WORDS.get(spec.name) if spec.kind == "elementwise" else None
+        cands = candidates_for(spec, fam, fused) + ([floor_candidate(fam_numel)] if bound else [])
         print(f"[bench] {spec.name}: {', '.join(c.label for c in cands)}", file=sys.stderr, flush=True)
         run_interleaved(cands, fam, reps, warmup, args.budget_s)
         med = {c.label: statistics.median(c.times) for c in cands}
         ref = next((med[c.label] for c in cands if c.reference), None)
-        peer_times = [med[c.label] for c in cands if not c.ours and not c.reference]
-        bound = MIN_WORDS.get(spec.name, None)
-        bound_s = bound * 4 * fam_numel / bw if (bound and spec.kind == "elementwise") else None
+        peer_times = [med[c.label] for c in cands if not c.ours and not c.reference and not c.floor]
+        floor = next((c for c in cands if c.floor), None)
+        if floor:
+            floor_times += [t / fam_numel for t in floor.times]  # seconds per element, comparable across sets
         for c in cands:
+            if c.floor:
+                continue
             if not c.ours and c.reference and spec.name != "adamw":
                 continue
             if not c.ours and c.algorithm != spec.name:
@@ -409,12 +426,15 @@ def main(argv=None) -> int:
                 "algorithm": spec.name, "label": c.label, "ours": c.ours, "ms": 1e3 * t, "kind": spec.kind,
                 "x_adamw": t / ref if ref else None,
                 "x_fastest_peer": (t / min(peer_times)) if (peer_times and c.ours) else None,
-                "x_bound": (t / bound_s) if bound_s else None,
+                "x_bound": paired_ratio(c.times, floor.times, bound) if floor else None,
                 "state_MB": c.state_bytes / 2**20, "state_bytes": c.state_bytes,
                 "bytes_per_param": c.state_bytes / fam_numel,
                 "registry_bytes": c.expected_bytes,
                 "registry_bytes_per_param": (c.expected_bytes / fam_numel) if c.expected_bytes is not None else None,
             })
+    rates = [StreamingFloor.WORDS * 4 / t / 1e9 for t in floor_times] or [float("nan")]
+    results["bandwidth_GBps"] = statistics.median(rates)
+    results["bandwidth_range_GBps"] = (min(rates), max(rates))
     if not args.only or any(s.kind == "matrix" for s in specs):
         results["newton_schulz"] = bench_newton_schulz(named, reps)
         rows = {r["algorithm"]: r for r in results["rows"] if r["ours"]}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from optimzoo.optim.adamp import SGDP, AdamP, project_scale_invariant
+from optimzoo.optim.adamp import SGDP, AdamP, blocked_projection_stats, projection_scale, projection_stats
 
 torch_optimizer = pytest.importorskip("torch_optimizer")
 
@@ -71,20 +71,49 @@ def test_parity_problem_triggers_both_projections():
     """Otherwise the parity tests would not test the projection."""
     params = make_params()
     grads = gradients(params, 0)
-    eps, ratio = torch.tensor(1e-8), torch.tensor(0.1)
+    eps = torch.tensor(1e-8)
     fired = []
     for p, g in zip(params, grads):
         if p.dim() < 2:
             continue
         w, gv = p.detach().reshape(p.size(0), -1), g.reshape(p.size(0), -1)
         rows, cols = w.shape
-        u = torch.randn_like(w)
-        out, wd = project_scale_invariant(w, gv, u, eps, ratio, torch.tensor(0.1 / cols**0.5),
-                                          torch.tensor(0.1 / (rows * cols) ** 0.5))
-        fired.append(float(wd))
-    assert fired[0] == fired[1] == pytest.approx(0.1)  # channel
-    assert fired[2] == 1.0  # generic
-    assert fired[3] == pytest.approx(0.1)  # layer only (rows not orthogonal: channel test fails)
+        scale, project = projection_scale(projection_stats(w, gv, torch.randn_like(w)), eps,
+                                          torch.tensor(0.1 / cols**0.5), torch.tensor(0.1 / (rows * cols) ** 0.5))
+        fired.append("no" if not project else "layer" if torch.all(scale == scale[0]) else "channel")
+    assert fired == ["channel", "channel", "no", "layer"]
+
+
+def test_projection_removes_the_radial_part_as_the_official_formula():
+    """u - w (w.u) / (||w|| + eps)^2 == u - w^ (w^.u) with w^ = w / (||w|| + eps), per row and whole."""
+    torch.manual_seed(0)
+    w, u = torch.randn(7, 5), torch.randn(7, 5)
+    eps = torch.tensor(1e-8)
+    for g, view in ((w - (w * w).sum(1, keepdim=True) * 0, None), (torch.randn(7, 5), "layer")):
+        if view is None:  # gradients orthogonal to each row: channel projection
+            g = torch.randn(7, 5)
+            g -= (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True) * w
+            w_hat = w / (w.norm(dim=1, keepdim=True) + eps)
+            expected = u - w_hat * (w_hat * u).sum(1, keepdim=True)
+            thresholds = (torch.tensor(1e-3), torch.tensor(0.0))
+        else:  # channel test off, layer test always on
+            w_hat = w / (w.norm() + eps)
+            expected = u - w_hat * (w_hat * u).sum()
+            thresholds = (torch.tensor(0.0), torch.tensor(2.0))
+        scale, project = projection_scale(projection_stats(w, g, u), eps, *thresholds)
+        assert project
+        torch.testing.assert_close(u - w * scale.unsqueeze(1), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_blocked_statistics_equal_whole():
+    torch.manual_seed(0)
+    w, g, m, d = torch.randn(37, 11), torch.randn(37, 11), torch.randn(37, 11), torch.rand(37, 11) + 0.5
+    whole = projection_stats(w, g, m / d)
+    for block in (1, 11, 40, 100, 10_000):
+        for got, want in zip(blocked_projection_stats(w, g, m, d, block_elements=block), whole):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for got, want in zip(blocked_projection_stats(w, g, m, block_elements=30), projection_stats(w, g, m)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_adamp_first_step_closed_form_without_projection():

@@ -318,3 +318,25 @@ def test_fused_matches_single_tensor(name):
         results.append(params_of(model))
     for k in results[0]:
         torch.testing.assert_close(results[1][k], results[0][k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_foreach_chunks_cover_every_element_once():
+    """The chunked foreach groups are views that tile every tensor exactly once, with their sources."""
+    from optimzoo.optim._base import foreach_chunks
+
+    a = [torch.zeros(7, 5), torch.zeros(3), torch.zeros(0), torch.zeros(4, 6).t(), torch.zeros(11)]
+    b = [torch.zeros_like(t) for t in a]
+    seen = []
+    for (xs, ys), sources in foreach_chunks([a, b], elements=8):
+        assert len(xs) == len(ys) == len(sources)
+        assert sum(x.numel() for x in xs[:-1]) < 8  # a group closes once it holds 8 elements
+        for x, y, i in zip(xs, ys, sources):
+            assert x.shape == y.shape
+            assert x.numel() <= 8 or i == 3  # pieces of 8 at most; the transposed tensor passes whole
+            x.add_(1)
+            y.add_(i + 1)
+            seen.append(i)
+    assert sorted(set(seen)) == [0, 1, 2, 3, 4]
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert torch.equal(x, torch.ones_like(x))  # every element once (the transposed one passed whole)
+        assert torch.equal(y, torch.full_like(y, i + 1))

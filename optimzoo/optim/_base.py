@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ __all__ = [
     "check_paths",
     "check_range",
     "foreach_adam_moments_",
+    "foreach_chunks",
     "fused_kernel",
     "state_bytes",
 ]
@@ -127,6 +128,50 @@ def foreach_adam_moments_(exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
 
 
+#: elements per group of :func:`foreach_chunks` (4 MB of float32 per tensor list)
+CHUNK_ELEMENTS = 1 << 20
+
+
+def foreach_chunks(tensor_lists: Sequence[Sequence[torch.Tensor]],
+                   elements: int = CHUNK_ELEMENTS) -> Iterator[tuple[list[list[torch.Tensor]], list[int]]]:
+    """Split parallel lists of same-shaped tensors into groups of flat pieces (views) of about
+    ``elements`` elements, for element-wise ``torch._foreach_*`` updates run group by group.
+
+    Yields ``(lists, sources)``: the pieces of each list, and for each piece the index of the tensor it
+    comes from (to pick per-tensor scalars). A foreach update run group by group makes its passes over
+    data that is still in cache, and its temporaries are small: on a CPU a temporary the size of an
+    embedding matrix (> 32 MB) is a fresh mapping from the allocator, page-faulted in at every step.
+    Non-contiguous tensors are passed whole. Only for updates without whole-tensor reductions.
+    """
+    groups: list[list[torch.Tensor]] = [[] for _ in tensor_lists]
+    sources: list[int] = []
+    size = 0
+    for i, first in enumerate(tensor_lists[0]):
+        tensors = [lst[i] for lst in tensor_lists]
+        n = first.numel()
+        if all(t.is_contiguous() for t in tensors):
+            flat = [t.view(-1) for t in tensors]
+            pieces = [[f[s:s + elements] for f in flat] for s in range(0, n, elements)] if n else [flat]
+        else:
+            pieces = [tensors]
+        for piece in pieces:
+            for group, t in zip(groups, piece):
+                group.append(t)
+            sources.append(i)
+            size += piece[0].numel()
+            if size >= elements:
+                yield groups, sources
+                groups, sources, size = [[] for _ in tensor_lists], [], 0
+    if sources:
+        yield groups, sources
+
+
+#: Inductor chooses whether a CPU loop nest runs on several threads from the sizes of the first call;
+#: with dynamic shapes a kernel first called on a small tensor would stay single-threaded for every
+#: later (large) one. Dynamic threads leave that choice to the OpenMP runtime at each call.
+_COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
+
+
 def fused_kernel(fn: Callable) -> Callable:
     """Return ``fn`` compiled by ``torch.compile`` (dynamic shapes, whole graph), built on first call.
 
@@ -140,7 +185,7 @@ def fused_kernel(fn: Callable) -> Callable:
 
     def run(*args, **kwargs):
         if not compiled:
-            compiled.append(torch.compile(fn, dynamic=True, fullgraph=True))
+            compiled.append(torch.compile(fn, dynamic=True, fullgraph=True, options=_COMPILE_OPTIONS))
         return compiled[0](*args, **kwargs)
 
     run.__wrapped__ = fn  # type: ignore[attr-defined]

@@ -5,16 +5,19 @@ Scale-invariant Weights", ICLR 2021, arXiv 2006.08217. Official code: clovaai/Ad
 ``adamp/adamp.py`` and ``adamp/sgdp.py`` at commit 7f6f0383ff6a (pip ``adamp`` 0.3.0); torch-optimizer's
 ``AdamP``/``SGDP`` are ports of it and are this module's test oracles.
 
-Layout (CONTRIBUTING.md): ``_single_tensor_*`` is the update of one tensor (0-d tensor
-hyperparameters, no data-dependent Python control flow): the eager single-tensor path and, compiled by
-:func:`~optimzoo.optim._base.fused_kernel`, the fused path. ``_multi_tensor_*`` is the same math with
-``torch._foreach_*`` ops. Both call :func:`project_scale_invariant`, the one implementation of the
-projection.
+Layout (CONTRIBUTING.md): the projection is four small functions (:func:`projection_stats`,
+:func:`projection_scale`, :func:`apply_projection_` and the row-blocked statistics of the eager
+paths). Each algorithm has three one-tensor kernels with 0-d tensor hyperparameters and no
+data-dependent Python control flow: ``*_vector`` (1-D tensors, one pass) and, for tested tensors,
+``*_pass1`` (moments and the projection's statistics) and ``*_pass2`` (the update). They are the
+eager single-tensor path and, compiled by :func:`~optimzoo.optim._base.fused_kernel`, the fused path.
+``_multi_tensor_*`` is the same math with ``torch._foreach_*`` ops.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -22,12 +25,16 @@ from torch.optim import Optimizer
 from ..distributed.reduce import global_amax, global_sum
 from ._base import ZooOptimizer, check_betas, check_lr, check_paths, check_range, foreach_adam_moments_, fused_kernel
 
-__all__ = ["SGDP", "AdamP", "project_scale_invariant"]
+__all__ = ["SGDP", "AdamP", "apply_projection_", "projection_scale", "projection_stats"]
 
 
 # --------------------------------------------------------------------------------------------
 # The projection (shared by AdamP and SGDP)
 # --------------------------------------------------------------------------------------------
+
+#: elements per row block of the eager statistics: temporaries of 1 MB (fp32) stay in cache and in
+#: the allocator's free lists, where a full-size temporary of a large matrix would cost page faults
+_BLOCK_ELEMENTS = 1 << 18
 
 
 def row_sums(x: torch.Tensor) -> torch.Tensor:
@@ -45,16 +52,40 @@ def total_max(rows: torch.Tensor) -> torch.Tensor:
     return global_amax(rows)
 
 
-def project_scale_invariant(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    update: torch.Tensor,
+def projection_stats(param: torch.Tensor, grad: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The per-row statistics the projection needs, for ``(C, D)`` views: ``g.w``, ``g.g``, ``w.w``, ``w.u``."""
+    return row_sums(grad * param), row_sums(grad * grad), row_sums(param * param), row_sums(param * update)
+
+
+def row_blocks(param: torch.Tensor, block_elements: int = _BLOCK_ELEMENTS) -> list[slice]:
+    """Slices of the rows of a ``(C, D)`` view, about ``block_elements`` elements each, for the eager
+    paths: per-block temporaries stay small. A sharded tensor is one block."""
+    per_block = max(1, block_elements // max(1, param.size(1)))
+    if hasattr(param, "device_mesh") or param.size(0) <= per_block:
+        return [slice(None)]
+    return [slice(i, i + per_block) for i in range(0, param.size(0), per_block)]
+
+
+def blocked_projection_stats(param: torch.Tensor, grad: torch.Tensor, numer: torch.Tensor,
+                             denom: torch.Tensor | None = None,
+                             block_elements: int = _BLOCK_ELEMENTS) -> tuple[torch.Tensor, ...]:
+    """:func:`projection_stats` of ``(param, grad, numer / denom)`` (``numer`` if no ``denom``) over
+    :func:`row_blocks` (same values): neither the update nor any product is materialized whole."""
+    blocks = []
+    for rows in row_blocks(param, block_elements):
+        update = numer[rows] if denom is None else numer[rows] / denom[rows]
+        blocks.append(projection_stats(param[rows], grad[rows], update))
+    return blocks[0] if len(blocks) == 1 else tuple(torch.cat(parts) for parts in zip(*blocks))
+
+
+def projection_scale(
+    stats: tuple[torch.Tensor, ...],
     eps: torch.Tensor,
-    wd_ratio: torch.Tensor,
     threshold_channel: torch.Tensor,
     threshold_layer: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""AdamP's projection of ``update`` for one weight viewed as ``(C, D)`` (rows = output channels).
+    r"""AdamP's projection of an update ``u`` of one weight ``w`` viewed as ``(C, D)`` (rows = output
+    channels), from the row statistics of :func:`projection_stats`.
 
     The official two tests, in order, on the *raw gradient* ``g`` and the weight ``w``
     (``cos(x, y) = |x.y| / (||x|| + eps) / (||y|| + eps)``):
@@ -64,28 +95,37 @@ def project_scale_invariant(
     2. otherwise layer view: if ``cos(g, w) < delta / sqrt(C D)`` the whole tensor is projected the same way;
     3. otherwise nothing changes.
 
-    A projected tensor's weight decay is multiplied by ``wd_ratio``. Both branches are computed from
-    per-row statistics and selected with ``torch.where`` (no host synchronization, compilable); the
-    projection keeps the official order of operations, ``u - w^ (w^.u)``.
-
-    Returns ``(projected update, weight-decay factor)`` (the factor a 0-d tensor: ``wd_ratio`` or 1).
+    Both tests are evaluated on the device and selected with ``torch.where`` (no host synchronization,
+    compilable). Returns ``(scale, project)``: the projected update is ``u - w * scale[:, None]``
+    (:func:`apply_projection_`; ``scale = (w.u) / (||w|| + eps)^2`` per row or for the whole tensor,
+    0 where nothing is projected) and ``project`` is a 0-d bool (the weight decay of a projected
+    tensor is multiplied by ``wd_ratio``).
     """
-    dot_gw = row_sums(grad * param)
-    sq_g = row_sums(grad * grad)
-    sq_w = row_sums(param * param)
+    dot_gw, sq_g, sq_w, dot_wu = stats
     norm_w = sq_w.sqrt()
     cos_channel = dot_gw.abs() / (sq_g.sqrt() + eps) / (norm_w + eps)
     channel = total_max(cos_channel) < threshold_channel
     layer_norm_w = total_sum(sq_w).sqrt()
     cos_layer = total_sum(dot_gw).abs() / (total_sum(sq_g).sqrt() + eps) / (layer_norm_w + eps)
     project = torch.logical_or(channel, cos_layer < threshold_layer)
-    # the official order of operations: w^ = w / (||w|| + eps), then u - w^ (w^ . u)
-    w_hat = param / torch.where(channel, norm_w, layer_norm_w).add(eps).unsqueeze(1)
-    coef = row_sums(w_hat * update)
-    coef = torch.where(channel, coef, total_sum(coef))
-    projected = torch.where(project, update - w_hat * coef.unsqueeze(1), update)
-    wd = torch.where(project, wd_ratio, torch.ones_like(wd_ratio))
-    return projected, wd
+    scale = torch.where(channel, dot_wu / (norm_w + eps).square(), total_sum(dot_wu) / (layer_norm_w + eps).square())
+    return torch.where(project, scale, torch.zeros_like(scale)), project
+
+
+def apply_projection_(update: torch.Tensor, param: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``update <- update - param * scale[:, None]`` in place (``(C, D)`` views); returns ``update``."""
+    return update.addcmul_(param, scale.unsqueeze(1), value=-1)
+
+
+def _decay_factor(project: torch.Tensor, wd_ratio: torch.Tensor) -> torch.Tensor:
+    """The weight-decay multiplier: ``wd_ratio`` for a projected tensor, else 1."""
+    return torch.where(project, wd_ratio, torch.ones_like(wd_ratio))
+
+
+def _skips(project: torch.Tensor) -> bool:
+    """Whether an eager path may skip the projection's pass: on the CPU, where reading the flag costs
+    no synchronization, when nothing is projected (the result would be the update unchanged)."""
+    return project.device.type == "cpu" and not bool(project)
 
 
 def _matrix_view(t: torch.Tensor) -> torch.Tensor:
@@ -114,132 +154,198 @@ def _fusable(*tensors: torch.Tensor) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# AdamP kernels
+# AdamP kernels. A projected tensor takes two passes: pass 1 computes the new moments and the update
+# without writing anything, only the projection's row statistics; pass 2 recomputes them and writes
+# the moments and the weight. Compiled, each pass is one parallel loop nest and nothing of the
+# tensor's size is allocated: 4 + 7 words per element.
 # --------------------------------------------------------------------------------------------
 
 
-def _single_tensor_adamp(param, grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                         bc2_sqrt, step_size, eps, lr_wd, wd_ratio, threshold_channel, threshold_layer,
-                         nesterov: bool = False, project: bool = True):
-    """One AdamP step of one tensor (``(C, D)`` view when ``project``), in place on param and moments."""
-    exp_avg.mul_(beta1).add_(grad * one_minus_beta1)
-    exp_avg_sq.mul_(beta2).add_(grad * grad * one_minus_beta2)
-    denom = exp_avg_sq.sqrt() / bc2_sqrt + eps
+class AdamPScalars(NamedTuple):
+    """AdamP's per-tensor hyperparameters as 0-d float32 tensors (the kernels' calling convention)."""
+
+    beta1: torch.Tensor
+    one_minus_beta1: torch.Tensor
+    beta2: torch.Tensor
+    one_minus_beta2: torch.Tensor
+    bc2_sqrt: torch.Tensor  # sqrt(1 - beta2^t)
+    step_size: torch.Tensor  # lr / (1 - beta1^t)
+    eps: torch.Tensor
+    lr_wd: torch.Tensor  # lr * weight_decay
+    wd_ratio: torch.Tensor
+    threshold_channel: torch.Tensor
+    threshold_layer: torch.Tensor
+
+
+def _adam_moments(grad, exp_avg, exp_avg_sq, hp: AdamPScalars) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new moments ``beta1 m + (1 - beta1) g`` and ``beta2 v + (1 - beta2) g^2`` (not written)."""
+    return exp_avg * hp.beta1 + grad * hp.one_minus_beta1, exp_avg_sq * hp.beta2 + grad * grad * hp.one_minus_beta2
+
+
+def _adam_direction(grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: bool) -> torch.Tensor:
+    """``m / (sqrt(v) / sqrt(1 - beta2^t) + eps)``, Nesterov: ``(beta1 m + (1 - beta1) g) / (...)``."""
+    denom = exp_avg_sq.sqrt() / hp.bc2_sqrt + hp.eps
     if nesterov:
-        update = (exp_avg * beta1 + grad * one_minus_beta1) / denom
-    else:
-        update = exp_avg / denom
-    if project:
-        update, wd = project_scale_invariant(param, grad, update, eps, wd_ratio, threshold_channel, threshold_layer)
-        param.mul_(1 - lr_wd * wd)
-    else:
-        param.mul_(1 - lr_wd)
-    param.sub_(update * step_size)
+        return (exp_avg * hp.beta1 + grad * hp.one_minus_beta1) / denom
+    return exp_avg / denom
 
 
-def _fused_adamp_matrix(*args, nesterov: bool = False):
-    _single_tensor_adamp(*args, nesterov=nesterov, project=True)
+def _adam_step_(param, grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: bool, scale=None, project=None):
+    """Moments and weight in place: ``W <- W (1 - lr wd r) - step_size u``, with ``u`` projected by
+    ``scale`` (and ``r`` from ``project``) when given, else ``r = 1``."""
+    m, v = _adam_moments(grad, exp_avg, exp_avg_sq, hp)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    update = _adam_direction(grad, m, v, hp, nesterov)
+    decay = 1 - hp.lr_wd
+    if scale is not None:
+        update = apply_projection_(update, param, scale)
+        decay = 1 - hp.lr_wd * _decay_factor(project, hp.wd_ratio)
+    param.mul_(decay).sub_(update * hp.step_size)
 
 
-def _fused_adamp_vector(*args, nesterov: bool = False):
-    _single_tensor_adamp(*args, nesterov=nesterov, project=False)
+def _adamp_pass1(param, grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: bool = False):
+    """Pass 1 of a projected tensor (``(C, D)`` views), read only: returns ``(scale, project)``."""
+    update = _adam_direction(grad, *_adam_moments(grad, exp_avg, exp_avg_sq, hp), hp, nesterov)
+    return projection_scale(projection_stats(param, grad, update), hp.eps, hp.threshold_channel, hp.threshold_layer)
 
 
-_FUSED_ADAMP = {True: fused_kernel(_fused_adamp_matrix), False: fused_kernel(_fused_adamp_vector)}
+def _adamp_pass2(param, grad, exp_avg, exp_avg_sq, scale, project, hp: AdamPScalars, nesterov: bool = False):
+    """Pass 2: the projected step, in place."""
+    _adam_step_(param, grad, exp_avg, exp_avg_sq, hp, nesterov, scale, project)
+
+
+def _adam_vector(param, grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: bool = False):
+    """A tensor that is not tested (1-D): Adam with decoupled weight decay, one pass."""
+    _adam_step_(param, grad, exp_avg, exp_avg_sq, hp, nesterov)
+
+
+_ADAMP = {"pass1": _adamp_pass1, "pass2": _adamp_pass2, "vector": _adam_vector}
+_FUSED_ADAMP = {name: fused_kernel(fn) for name, fn in _ADAMP.items()}
 
 
 def _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, bc2_sqrts, step_sizes, *, beta1, beta2, eps,
                         lr_wd, wd_ratio, delta, nesterov):
-    """AdamP with ``torch._foreach_*`` for the moments and the update; the projection per tensor."""
+    """AdamP with ``torch._foreach_*`` ops, without materializing the update: tensors that are not
+    projected get ``W <- W - step_size m / denom`` in one ``addcdiv``; projected ones are updated
+    over row blocks, in the official order (``u - w scale`` first, then ``W (1 - lr wd r) - step u``)."""
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs], with_indices=True)
     for (device, _), ((ps, gs, ms, vs), idx) in grouped.items():
-        bc2 = [bc2_sqrts[i] for i in idx]
         steps = [step_sizes[i] for i in idx]
         foreach_adam_moments_(ms, vs, gs, beta1, beta2)
         denom = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denom, bc2)
+        torch._foreach_div_(denom, [bc2_sqrts[i] for i in idx])
         torch._foreach_add_(denom, eps)
         if nesterov:
-            updates = list(torch._foreach_mul(ms, beta1))
-            torch._foreach_add_(updates, torch._foreach_mul(gs, 1 - beta1))
-            torch._foreach_div_(updates, denom)
+            numer = list(torch._foreach_mul(ms, beta1))
+            torch._foreach_add_(numer, gs, alpha=1 - beta1)
         else:
-            updates = list(torch._foreach_div(ms, denom))
+            numer = ms
         eps_t, ratio_t = ZooOptimizer._scalars(device, eps, wd_ratio)
+        rest = []  # tensors left to the foreach update
         for k, (p, g) in enumerate(zip(ps, gs)):
+            decay = 1 - lr_wd
             if _projects(p):
+                w, gv, nv, dv = (_matrix_view(t) for t in (p, g, numer[k], denom[k]))
                 th_c, th_l = ZooOptimizer._scalars(device, *_thresholds(p, delta))
-                u, wd = project_scale_invariant(_matrix_view(p), _matrix_view(g), _matrix_view(updates[k]),
-                                                eps_t, ratio_t, th_c, th_l)
-                updates[k] = u.view_as(p)
-                p.mul_(1 - lr_wd * wd)
-            elif lr_wd:
-                p.mul_(1 - lr_wd)
-        torch._foreach_mul_(updates, steps)
-        torch._foreach_sub_(ps, updates)
+                scale, project = projection_scale(blocked_projection_stats(w, gv, nv, dv), eps_t, th_c, th_l)
+                decay = 1 - lr_wd * _decay_factor(project, ratio_t)
+                if not _skips(project):
+                    for rows in row_blocks(w):
+                        update = apply_projection_(nv[rows] / dv[rows], w[rows], scale[rows])
+                        w[rows].mul_(decay).add_(update, alpha=-steps[k])
+                    continue
+            if lr_wd:
+                p.mul_(decay)
+            rest.append(k)
+        if rest:
+            torch._foreach_addcdiv_([ps[k] for k in rest], [numer[k] for k in rest], [denom[k] for k in rest],
+                                    [-steps[k] for k in rest])
 
 
 # --------------------------------------------------------------------------------------------
-# SGDP kernels
+# SGDP kernels, in the same two passes (3 + 5 words per element of a projected tensor)
 # --------------------------------------------------------------------------------------------
 
 
-def _single_tensor_sgdp(param, grad, buf, momentum, one_minus_dampening, lr, wd_scaled, wd_ratio, eps,
-                        threshold_channel, threshold_layer, nesterov: bool = False, project: bool = True):
-    """One SGDP step of one tensor. As the official code, the non-Nesterov update *is* the momentum
-    buffer, so its projection is written back into the buffer."""
-    buf.mul_(momentum).add_(grad * one_minus_dampening)
-    update = grad + buf * momentum if nesterov else buf
-    if project:
-        projected, wd = project_scale_invariant(param, grad, update, eps, wd_ratio, threshold_channel,
-                                                threshold_layer)
-        if not nesterov:
-            buf.copy_(projected)
-        param.mul_(1 - wd_scaled * wd)
-        update = projected
-    else:
-        param.mul_(1 - wd_scaled)
-    param.sub_(update * lr)
+class SGDPScalars(NamedTuple):
+    """SGDP's per-tensor hyperparameters as 0-d float32 tensors."""
+
+    momentum: torch.Tensor
+    one_minus_dampening: torch.Tensor
+    lr: torch.Tensor
+    wd_scaled: torch.Tensor  # lr * weight_decay / (1 - momentum)
+    wd_ratio: torch.Tensor
+    eps: torch.Tensor
+    threshold_channel: torch.Tensor
+    threshold_layer: torch.Tensor
 
 
-def _fused_sgdp_matrix(*args, nesterov: bool = False):
-    _single_tensor_sgdp(*args, nesterov=nesterov, project=True)
+def _sgdp_momentum(grad, buf, hp: SGDPScalars) -> torch.Tensor:
+    """The new buffer ``mu b + (1 - tau) g`` (not written)."""
+    return buf * hp.momentum + grad * hp.one_minus_dampening
 
 
-def _fused_sgdp_vector(*args, nesterov: bool = False):
-    _single_tensor_sgdp(*args, nesterov=nesterov, project=False)
+def _sgdp_direction(grad, buf, hp: SGDPScalars, nesterov: bool) -> torch.Tensor:
+    """``g + mu b`` (Nesterov) or the buffer itself: then projecting it in place projects the buffer,
+    which is stored, as in the official code."""
+    return grad + buf * hp.momentum if nesterov else buf
 
 
-_FUSED_SGDP = {True: fused_kernel(_fused_sgdp_matrix), False: fused_kernel(_fused_sgdp_vector)}
+def _sgd_step_(param, grad, buf, hp: SGDPScalars, nesterov: bool, scale=None, project=None):
+    """Buffer and weight in place: ``W <- W (1 - wd_scaled r) - lr u``, ``u`` projected by ``scale``
+    (and ``r`` from ``project``) when given, else ``r = 1``."""
+    b = _sgdp_momentum(grad, buf, hp)
+    update = _sgdp_direction(grad, b, hp, nesterov)
+    decay = 1 - hp.wd_scaled
+    if scale is not None:
+        update = apply_projection_(update, param, scale)
+        decay = 1 - hp.wd_scaled * _decay_factor(project, hp.wd_ratio)
+    buf.copy_(b)
+    param.mul_(decay).sub_(update * hp.lr)
+
+
+def _sgdp_pass1(param, grad, buf, hp: SGDPScalars, nesterov: bool = False):
+    """Pass 1 of a projected tensor, read only: returns ``(scale, project)``."""
+    update = _sgdp_direction(grad, _sgdp_momentum(grad, buf, hp), hp, nesterov)
+    return projection_scale(projection_stats(param, grad, update), hp.eps, hp.threshold_channel, hp.threshold_layer)
+
+
+def _sgdp_pass2(param, grad, buf, scale, project, hp: SGDPScalars, nesterov: bool = False):
+    """Pass 2: the projected step, in place."""
+    _sgd_step_(param, grad, buf, hp, nesterov, scale, project)
+
+
+def _sgd_vector(param, grad, buf, hp: SGDPScalars, nesterov: bool = False):
+    """A tensor that is not tested (1-D): SGD with momentum and SGDP's weight decay, one pass."""
+    _sgd_step_(param, grad, buf, hp, nesterov)
+
+
+_SGDP = {"pass1": _sgdp_pass1, "pass2": _sgdp_pass2, "vector": _sgd_vector}
+_FUSED_SGDP = {name: fused_kernel(fn) for name, fn in _SGDP.items()}
 
 
 def _multi_tensor_sgdp(params, grads, bufs, *, lr, momentum, dampening, wd_scaled, wd_ratio, eps, delta,
                        nesterov):
-    """SGDP with ``torch._foreach_*`` for the momentum and the update; the projection per tensor."""
+    """SGDP with ``torch._foreach_*`` ops; the projection's statistics per tensor over row blocks."""
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, bufs])
     for (device, _), ((ps, gs, bs), _) in grouped.items():
         torch._foreach_mul_(bs, momentum)
-        torch._foreach_add_(bs, torch._foreach_mul(gs, 1 - dampening))
-        if nesterov:
-            updates = list(torch._foreach_mul(bs, momentum))
-            torch._foreach_add_(updates, gs)
-        else:
-            updates = list(bs)
+        torch._foreach_add_(bs, gs, alpha=1 - dampening)
+        updates = list(torch._foreach_add(gs, bs, alpha=momentum)) if nesterov else bs
         eps_t, ratio_t = ZooOptimizer._scalars(device, eps, wd_ratio)
         for k, (p, g) in enumerate(zip(ps, gs)):
+            decay = 1 - wd_scaled
             if _projects(p):
+                w, gv, uv = (_matrix_view(t) for t in (p, g, updates[k]))
                 th_c, th_l = ZooOptimizer._scalars(device, *_thresholds(p, delta))
-                u, wd = project_scale_invariant(_matrix_view(p), _matrix_view(g), _matrix_view(updates[k]),
-                                                eps_t, ratio_t, th_c, th_l)
-                u = u.view_as(p)
-                if not nesterov:
-                    bs[k].copy_(u)
-                    u = bs[k]
-                updates[k] = u
-                p.mul_(1 - wd_scaled * wd)
-            elif wd_scaled:
-                p.mul_(1 - wd_scaled)
-        torch._foreach_sub_(ps, torch._foreach_mul(updates, lr))
+                scale, project = projection_scale(blocked_projection_stats(w, gv, uv), eps_t, th_c, th_l)
+                if not _skips(project):
+                    apply_projection_(uv, w, scale)
+                decay = 1 - wd_scaled * _decay_factor(project, ratio_t)
+            if wd_scaled:
+                p.mul_(decay)
+        torch._foreach_add_(ps, updates, alpha=-lr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,10 +366,15 @@ class _ProjectionOptimizer(ZooOptimizer):
         super().__init__(params, defaults)
 
     @staticmethod
-    def _views(p: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The kernel's view of a tensor and its companions: ``(C, D)`` if projected, else flat."""
-        view = _matrix_view if _projects(p) else (lambda t: t.view(-1))
-        return tuple(view(t) for t in (p, *others))
+    def _step_tensor(kernels: dict, tensors: tuple[torch.Tensor, ...], hp: tuple, nesterov: bool) -> None:
+        """One tensor's step with ``kernels`` (eager or compiled): the one-pass ``vector`` kernel for 1-D
+        tensors, else the ``(C, D)`` view through ``pass1`` (statistics) and ``pass2`` (update)."""
+        if not _projects(tensors[0]):
+            kernels["vector"](*(t.view(-1) for t in tensors), hp, nesterov=nesterov)
+            return
+        views = tuple(_matrix_view(t) for t in tensors)
+        scale, project = kernels["pass1"](*views, hp, nesterov=nesterov)
+        kernels["pass2"](*views, scale, project, hp, nesterov=nesterov)
 
 
 class AdamP(_ProjectionOptimizer):
@@ -297,15 +408,18 @@ class AdamP(_ProjectionOptimizer):
         wd_ratio: weight-decay multiplier for projected tensors, in [0, 1] (default 0.1).
         nesterov: use the Nesterov form of the update (default False).
         foreach: use ``torch._foreach_*`` for the element-wise parts (default None: yes for plain tensors).
-        fused: use a ``torch.compile``-generated kernel per tensor (moments, projection and update in
-            few passes over memory; compiled on the first step, seconds). Default None = off.
+        fused: use ``torch.compile``-generated kernels per tensor (two passes over memory for a tested
+            tensor, one for a 1-D one; compiled on the first step, seconds). Default None = off.
 
     State: ``step`` (0-d tensor), ``exp_avg``, ``exp_avg_sq``: 8 bytes per fp32 parameter.
 
     Differences from the official code, deliberate: the cosine is ``|x.y| / (||x|| + eps) / (||y|| + eps)``
     (torch-optimizer's form; the official code calls ``F.cosine_similarity``, whose eps handling changed
-    across PyTorch versions: the two agree except for near-zero rows); no host synchronization
-    (both tests are evaluated on the device and selected with ``torch.where``); ``p.grad`` is read only.
+    across PyTorch versions: the two agree except for near-zero rows); the projection subtracts
+    ``w (w.u) / (||w|| + eps)^2``, the official ``w^ (w^.u)`` with the two divisions merged; no host
+    synchronization (both tests are evaluated on the device and selected with ``torch.where``; only
+    the CPU ``foreach`` path reads the flag, to skip the projection's pass where it does nothing);
+    ``p.grad`` is read only.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -344,15 +458,13 @@ class AdamP(_ProjectionOptimizer):
                                     lr_wd=lr_wd, wd_ratio=group["wd_ratio"], delta=group["delta"],
                                     nesterov=group["nesterov"])
                 continue
+            kernels = _FUSED_ADAMP if path == "fused" else _ADAMP
             for p, g, m, v, bc2, ss in zip(params, grads, ms, vs, bc2_sqrts, step_sizes):
-                project = _projects(p)
-                scalars = self._scalars(p.device, beta1, 1 - beta1, beta2, 1 - beta2, bc2, ss, eps, lr_wd,
-                                        group["wd_ratio"], *(_thresholds(p, group["delta"]) if project else (0, 0)))
-                if path == "fused" and _fusable(p, g, m, v):
-                    _FUSED_ADAMP[project](*self._views(p, g, m, v), *scalars, nesterov=group["nesterov"])
-                else:
-                    _single_tensor_adamp(*self._views(p, g.contiguous(), m, v), *scalars,
-                                         nesterov=group["nesterov"], project=project)
+                thresholds = _thresholds(p, group["delta"]) if _projects(p) else (0.0, 0.0)
+                hp = AdamPScalars(*self._scalars(p.device, beta1, 1 - beta1, beta2, 1 - beta2, bc2, ss, eps, lr_wd,
+                                                 group["wd_ratio"], *thresholds))
+                self._step_tensor(kernels if _fusable(p, g, m, v) else _ADAMP, (p, g.contiguous(), m, v), hp,
+                                  group["nesterov"])
         return loss
 
 
@@ -418,13 +530,11 @@ class SGDP(_ProjectionOptimizer):
                                    wd_scaled=wd_scaled, wd_ratio=group["wd_ratio"], eps=eps, delta=group["delta"],
                                    nesterov=group["nesterov"])
                 continue
+            kernels = _FUSED_SGDP if path == "fused" else _SGDP
             for p, g, b in zip(params, grads, bufs):
-                project = _projects(p)
-                scalars = self._scalars(p.device, momentum, 1 - group["dampening"], lr, wd_scaled, group["wd_ratio"],
-                                        eps, *(_thresholds(p, group["delta"]) if project else (0, 0)))
-                if path == "fused" and _fusable(p, g, b):
-                    _FUSED_SGDP[project](*self._views(p, g, b), *scalars, nesterov=group["nesterov"])
-                else:
-                    _single_tensor_sgdp(*self._views(p, g.contiguous(), b), *scalars, nesterov=group["nesterov"],
-                                        project=project)
+                thresholds = _thresholds(p, group["delta"]) if _projects(p) else (0.0, 0.0)
+                hp = SGDPScalars(*self._scalars(p.device, momentum, 1 - group["dampening"], lr, wd_scaled,
+                                                group["wd_ratio"], eps, *thresholds))
+                self._step_tensor(kernels if _fusable(p, g, b) else _SGDP, (p, g.contiguous(), b), hp,
+                                  group["nesterov"])
         return loss

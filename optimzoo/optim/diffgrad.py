@@ -18,7 +18,16 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ._base import ZooOptimizer, check_betas, check_lr, check_paths, check_range, foreach_adam_moments_, fused_kernel
+from ._base import (
+    ZooOptimizer,
+    check_betas,
+    check_lr,
+    check_paths,
+    check_range,
+    foreach_adam_moments_,
+    foreach_chunks,
+    fused_kernel,
+)
 
 __all__ = ["DiffGrad"]
 
@@ -41,21 +50,23 @@ _fused_diffgrad = fused_kernel(_single_tensor_diffgrad)
 
 def _multi_tensor_diffgrad(params, grads, exp_avgs, exp_avg_sqs, previous_grads, step_sizes, *, beta1, beta2, eps,
                            weight_decay):
-    """The same update with ``torch._foreach_*`` ops, tensors grouped by device and dtype."""
+    """The same update with ``torch._foreach_*`` ops, tensors grouped by device and dtype and run in
+    cache-sized chunks (:func:`~optimzoo.optim._base.foreach_chunks`)."""
     grouped = Optimizer._group_tensors_by_device_and_dtype(
         [params, grads, exp_avgs, exp_avg_sqs, previous_grads], with_indices=True)
-    for (ps, gs, ms, vs, prevs), idx in grouped.values():
-        if weight_decay:
-            gs = torch._foreach_add(gs, torch._foreach_mul(ps, weight_decay))
-        foreach_adam_moments_(ms, vs, gs, beta1, beta2)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_add_(denom, eps)
-        friction = torch._foreach_sub(prevs, gs)
-        torch._foreach_abs_(friction)
-        torch._foreach_sigmoid_(friction)  # 1 / (1 + exp(-|g_prev - g|))
-        torch._foreach_copy_(prevs, gs)
-        torch._foreach_mul_(friction, ms)
-        torch._foreach_addcdiv_(ps, friction, denom, [-step_sizes[i] for i in idx])
+    for tensors, idx in grouped.values():
+        for (ps, gs, ms, vs, prevs), sources in foreach_chunks(tensors):
+            if weight_decay:
+                gs = torch._foreach_add(gs, ps, alpha=weight_decay)
+            foreach_adam_moments_(ms, vs, gs, beta1, beta2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, eps)
+            friction = torch._foreach_sub(prevs, gs)
+            torch._foreach_abs_(friction)
+            torch._foreach_sigmoid_(friction)  # 1 / (1 + exp(-|g_prev - g|))
+            torch._foreach_copy_(prevs, gs)
+            torch._foreach_mul_(friction, ms)
+            torch._foreach_addcdiv_(ps, friction, denom, [-step_sizes[idx[j]] for j in sources])
 
 
 class DiffGrad(ZooOptimizer):

@@ -32,6 +32,7 @@ from ._base import (
     check_lr,
     check_paths,
     check_range,
+    foreach_chunks,
     fused_kernel,
 )
 from ._matrix import ns_compute_dtype
@@ -141,29 +142,39 @@ def _multi_tensor_lion(
     a: float,
     ns_steps: int,
 ) -> None:
-    """The same update with ``torch._foreach_*`` ops, tensors grouped by device and dtype."""
-    decay = 1.0 - lr * weight_decay
+    """The same update with ``torch._foreach_*`` ops, tensors grouped by device and dtype; for the
+    element-wise maps (``sign``, ``tanh``) run in cache-sized chunks
+    (:func:`~optimzoo.optim._base.foreach_chunks`)."""
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs])
-    for (device, _), ((dev_params, dev_grads, dev_avgs), _) in grouped.items():
-        low = [t.dtype in _LOW_PRECISION for t in dev_params]
-        w = [_compute(t) for t in dev_params]
-        g = [_compute(t) for t in dev_grads]
-        m = [_compute(t) for t in dev_avgs]
-        c = list(torch._foreach_mul(m, beta1))
-        torch._foreach_add_(c, g, alpha=1.0 - beta1)
-        # p and a as the single-tensor path gets them (float32 0-d tensors), so the maps agree bitwise
-        p_t, a_t = ZooOptimizer._scalars(device, p, a) if kappa in ("lp", "huber", "tanh", "relativistic") else (p, a)
-        update = kappa_grad_foreach(kappa, c, p=p_t, a=a_t, ns_steps=ns_steps,
-                                    ns_dtype=ns_compute_dtype("auto", device))
-        if decay != 1.0:
-            torch._foreach_mul_(w, decay)
-        torch._foreach_add_(w, update, alpha=-lr)
-        torch._foreach_mul_(m, beta2)
-        torch._foreach_add_(m, g, alpha=1.0 - beta2)
-        if any(low):
-            idx = [i for i, x in enumerate(low) if x]
-            torch._foreach_copy_([dev_params[i] for i in idx], [w[i] for i in idx])
-            torch._foreach_copy_([dev_avgs[i] for i in idx], [m[i] for i in idx])
+    for (device, _), (tensors, _) in grouped.items():
+        chunks = foreach_chunks(tensors) if kappa in ("sign", "tanh") else [(tensors, None)]
+        for (dev_params, dev_grads, dev_avgs), _ in chunks:
+            _foreach_lion_(dev_params, dev_grads, dev_avgs, device, lr=lr, beta1=beta1, beta2=beta2,
+                           weight_decay=weight_decay, kappa=kappa, p=p, a=a, ns_steps=ns_steps)
+
+
+def _foreach_lion_(dev_params, dev_grads, dev_avgs, device, *, lr, beta1, beta2, weight_decay, kappa, p, a,
+                   ns_steps) -> None:
+    """The foreach update of tensors on one device with one dtype."""
+    decay = 1.0 - lr * weight_decay
+    low = [t.dtype in _LOW_PRECISION for t in dev_params]
+    w = [_compute(t) for t in dev_params]
+    g = [_compute(t) for t in dev_grads]
+    m = [_compute(t) for t in dev_avgs]
+    c = list(torch._foreach_mul(m, beta1))
+    torch._foreach_add_(c, g, alpha=1.0 - beta1)
+    # p and a as the single-tensor path gets them (float32 0-d tensors), so the maps agree bitwise
+    p_t, a_t = ZooOptimizer._scalars(device, p, a) if kappa in ("lp", "huber", "tanh", "relativistic") else (p, a)
+    update = kappa_grad_foreach(kappa, c, p=p_t, a=a_t, ns_steps=ns_steps, ns_dtype=ns_compute_dtype("auto", device))
+    if decay != 1.0:
+        torch._foreach_mul_(w, decay)
+    torch._foreach_add_(w, update, alpha=-lr)
+    torch._foreach_mul_(m, beta2)
+    torch._foreach_add_(m, g, alpha=1.0 - beta2)
+    if any(low):
+        idx = [i for i, x in enumerate(low) if x]
+        torch._foreach_copy_([dev_params[i] for i in idx], [w[i] for i in idx])
+        torch._foreach_copy_([dev_avgs[i] for i in idx], [m[i] for i in idx])
 
 
 def lion(
