@@ -340,3 +340,13 @@ def test_foreach_chunks_cover_every_element_once():
     for i, (x, y) in enumerate(zip(a, b)):
         assert torch.equal(x, torch.ones_like(x))  # every element once (the transposed one passed whole)
         assert torch.equal(y, torch.full_like(y, i + 1))
+
+
+def test_fused_groups_have_few_lengths_and_keep_order():
+    """A compiled kernel sees at most five group lengths, and results come back in item order."""
+    from optimzoo.optim._base import FUSED_GROUP, _power_of_two_groups
+
+    for n in range(0, 3 * FUSED_GROUP + 7):
+        groups = list(_power_of_two_groups(list(range(n))))
+        assert [x for g in groups for x in g] == list(range(n))
+        assert {len(g) for g in groups} <= {FUSED_GROUP, 8, 4, 2, 1}

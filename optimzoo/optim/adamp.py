@@ -23,7 +23,16 @@ import torch
 from torch.optim import Optimizer
 
 from ..distributed.reduce import global_amax, global_sum
-from ._base import ZooOptimizer, check_betas, check_lr, check_paths, check_range, foreach_adam_moments_, fused_kernel
+from ._base import (
+    ZooOptimizer,
+    check_betas,
+    check_lr,
+    check_paths,
+    check_range,
+    eager_kernel,
+    foreach_adam_moments_,
+    fused_kernel,
+)
 
 __all__ = ["SGDP", "AdamP", "apply_projection_", "projection_scale", "projection_stats"]
 
@@ -220,8 +229,9 @@ def _adam_vector(param, grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: b
     _adam_step_(param, grad, exp_avg, exp_avg_sq, hp, nesterov)
 
 
-_ADAMP = {"pass1": _adamp_pass1, "pass2": _adamp_pass2, "vector": _adam_vector}
-_FUSED_ADAMP = {name: fused_kernel(fn) for name, fn in _ADAMP.items()}
+_ADAMP_KERNELS = {"pass1": _adamp_pass1, "pass2": _adamp_pass2, "vector": _adam_vector}
+_ADAMP = {name: eager_kernel(fn) for name, fn in _ADAMP_KERNELS.items()}
+_FUSED_ADAMP = {name: fused_kernel(fn) for name, fn in _ADAMP_KERNELS.items()}
 
 
 def _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, bc2_sqrts, step_sizes, *, beta1, beta2, eps,
@@ -321,8 +331,9 @@ def _sgd_vector(param, grad, buf, hp: SGDPScalars, nesterov: bool = False):
     _sgd_step_(param, grad, buf, hp, nesterov)
 
 
-_SGDP = {"pass1": _sgdp_pass1, "pass2": _sgdp_pass2, "vector": _sgd_vector}
-_FUSED_SGDP = {name: fused_kernel(fn) for name, fn in _SGDP.items()}
+_SGDP_KERNELS = {"pass1": _sgdp_pass1, "pass2": _sgdp_pass2, "vector": _sgd_vector}
+_SGDP = {name: eager_kernel(fn) for name, fn in _SGDP_KERNELS.items()}
+_FUSED_SGDP = {name: fused_kernel(fn) for name, fn in _SGDP_KERNELS.items()}
 
 
 def _multi_tensor_sgdp(params, grads, bufs, *, lr, momentum, dampening, wd_scaled, wd_ratio, eps, delta,
@@ -366,15 +377,26 @@ class _ProjectionOptimizer(ZooOptimizer):
         super().__init__(params, defaults)
 
     @staticmethod
-    def _step_tensor(kernels: dict, tensors: tuple[torch.Tensor, ...], hp: tuple, nesterov: bool) -> None:
-        """One tensor's step with ``kernels`` (eager or compiled): the one-pass ``vector`` kernel for 1-D
-        tensors, else the ``(C, D)`` view through ``pass1`` (statistics) and ``pass2`` (update)."""
-        if not _projects(tensors[0]):
-            kernels["vector"](*(t.view(-1) for t in tensors), hp, nesterov=nesterov)
-            return
-        views = tuple(_matrix_view(t) for t in tensors)
-        scale, project = kernels["pass1"](*views, hp, nesterov=nesterov)
-        kernels["pass2"](*views, scale, project, hp, nesterov=nesterov)
+    def _step_tensors(kernels: dict, items: list[tuple[tuple[torch.Tensor, ...], tuple]], nesterov: bool) -> None:
+        """Step ``(tensors, hyperparameters)`` items with ``kernels`` (eager or compiled runners): the
+        one-pass ``vector`` kernel for 1-D tensors, else the ``(C, D)`` views through ``pass1``
+        (statistics) and ``pass2`` (update)."""
+        vectors = [(*(t.view(-1) for t in tensors), hp) for tensors, hp in items if not _projects(tensors[0])]
+        matrices = [tuple(_matrix_view(t) for t in tensors) for tensors, _ in items if _projects(tensors[0])]
+        hps = [hp for tensors, hp in items if _projects(tensors[0])]
+        kernels["vector"](vectors, nesterov=nesterov)
+        stats = kernels["pass1"]([(*views, hp) for views, hp in zip(matrices, hps)], nesterov=nesterov)
+        kernels["pass2"]([(*views, scale, project, hp) for views, (scale, project), hp in zip(matrices, stats, hps)],
+                         nesterov=nesterov)
+
+    def _run_paths(self, path: str, fused_kernels: dict, eager_kernels: dict, items: list, nesterov: bool) -> None:
+        """Items whose tensors the compiled kernels take go to ``fused_kernels`` (on the fused path), the
+        others to ``eager_kernels``."""
+        fused = [it for it in items if path == "fused" and _fusable(*it[0])]
+        eager = [it for it in items if not (path == "fused" and _fusable(*it[0]))]
+        self._step_tensors(fused_kernels, fused, nesterov)
+        self._step_tensors(eager_kernels, [((it[0][0], it[0][1].contiguous(), *it[0][2:]), it[1]) for it in eager],
+                           nesterov)
 
 
 class AdamP(_ProjectionOptimizer):
@@ -458,13 +480,13 @@ class AdamP(_ProjectionOptimizer):
                                     lr_wd=lr_wd, wd_ratio=group["wd_ratio"], delta=group["delta"],
                                     nesterov=group["nesterov"])
                 continue
-            kernels = _FUSED_ADAMP if path == "fused" else _ADAMP
+            items = []
             for p, g, m, v, bc2, ss in zip(params, grads, ms, vs, bc2_sqrts, step_sizes):
                 thresholds = _thresholds(p, group["delta"]) if _projects(p) else (0.0, 0.0)
                 hp = AdamPScalars(*self._scalars(p.device, beta1, 1 - beta1, beta2, 1 - beta2, bc2, ss, eps, lr_wd,
                                                  group["wd_ratio"], *thresholds))
-                self._step_tensor(kernels if _fusable(p, g, m, v) else _ADAMP, (p, g.contiguous(), m, v), hp,
-                                  group["nesterov"])
+                items.append(((p, g, m, v), hp))
+            self._run_paths(path, _FUSED_ADAMP, _ADAMP, items, group["nesterov"])
         return loss
 
 
@@ -530,11 +552,11 @@ class SGDP(_ProjectionOptimizer):
                                    wd_scaled=wd_scaled, wd_ratio=group["wd_ratio"], eps=eps, delta=group["delta"],
                                    nesterov=group["nesterov"])
                 continue
-            kernels = _FUSED_SGDP if path == "fused" else _SGDP
+            items = []
             for p, g, b in zip(params, grads, bufs):
                 thresholds = _thresholds(p, group["delta"]) if _projects(p) else (0.0, 0.0)
                 hp = SGDPScalars(*self._scalars(p.device, momentum, 1 - group["dampening"], lr, wd_scaled,
                                                 group["wd_ratio"], eps, *thresholds))
-                self._step_tensor(kernels if _fusable(p, g, b) else _SGDP, (p, g.contiguous(), b), hp,
-                                  group["nesterov"])
+                items.append(((p, g, b), hp))
+            self._run_paths(path, _FUSED_SGDP, _SGDP, items, group["nesterov"])
         return loss

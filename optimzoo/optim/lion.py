@@ -225,6 +225,7 @@ def _kernel_scalars(device, lr, beta1, beta2, weight_decay, p, a) -> tuple[torch
 
 def _fused_path(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, kappa, p, a) -> None:
     scalars: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+    items = []
     for param, grad, exp_avg in zip(params, grads, exp_avgs):
         if param.device not in scalars:
             scalars[param.device] = _kernel_scalars(param.device, lr, beta1, beta2, weight_decay, p, a)
@@ -233,9 +234,10 @@ def _fused_path(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, kapp
         # tensors (torch.compile specializes size 1) and non-contiguous ones (a flat view would need a
         # copy) take the eager kernel, so that they do not cost graphs of their own.
         if param.numel() > 1 and param.is_contiguous() and exp_avg.is_contiguous():
-            _FUSED[kappa](param.view(-1), grad.reshape(-1), exp_avg.view(-1), *scalars[param.device])
+            items.append((param.view(-1), grad.reshape(-1), exp_avg.view(-1), *scalars[param.device]))
         else:
             _single_tensor_lion(param, grad, exp_avg, *scalars[param.device], kappa=kappa)
+    _FUSED[kappa](items)
 
 
 # --------------------------------------------------------------------------------------------

@@ -307,16 +307,15 @@ class SPAM(_SpikeAware):
             counts = _multi_tensor_spam(params, grads, ms, vs, step_sizes, beta1=beta1, beta2=beta2, eps=eps,
                                         neg_lr_wd=neg_lr_wd, threshold=group["threshold"], reset=reset, clip=clip)
         else:
-            counts = []
+            counts, fused = [], []
             for p, g, m, v, size in zip(params, grads, ms, vs, step_sizes):
                 scalars = self._scalars(p.device, beta1, 1 - beta1, beta2, 1 - beta2, eps, size, neg_lr_wd,
                                         group["threshold"])
                 if path == "fused" and self._fusable(p, g, m, v):
-                    c = _fused_spam(p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), *scalars, reset=reset,
-                                    clip=clip)
+                    fused.append((p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), *scalars))
                 else:
-                    c = _single_tensor_spam(p, g, m, v, *scalars, reset=reset, clip=clip)
-                counts.append(c)
+                    counts.append(_single_tensor_spam(p, g, m, v, *scalars, reset=reset, clip=clip))
+            counts += _fused_spam(fused, reset=reset, clip=clip)
         self._count(sum(p.numel() for p in params), counts if clip else [])
 
 
@@ -428,7 +427,8 @@ class StableSPAM(_SpikeAware):
         theta, gamma2 = group["gamma3"], group["gamma2"]
         lr, eps, fix = float(group["lr"]), group["eps"], group["reset_fix"]
         use_fused = self._path(group, [p for p, _ in pairs]) == "fused"
-        clipped, scales, entries = [], [], 0
+        flags = dict(zero_before=reset and fix, zero_after=reset and not fix)
+        results, fused, entries = [], [], 0
         for p, g in pairs:
             state = self.state[p]
             m, v = self._zeros_state(state, p, "exp_avg", "exp_avg_sq")
@@ -450,12 +450,10 @@ class StableSPAM(_SpikeAware):
                 math.sqrt(1 - beta2**t), lr / (1 - beta1**t))
             tensors = (p, g, m, v)
             stats = (state["m_norm"], state["v_norm"], state["m_max"])
-            flags = dict(zero_before=reset and fix, zero_after=reset and not fix)
             if use_fused and self._fusable(*tensors):
-                c, s = _fused_stable_spam(*(x.view(-1) for x in tensors), *stats, *scalars, **flags)
+                fused.append((*(x.view(-1) for x in tensors), *stats, *scalars))
             else:
-                c, s = _single_tensor_stable_spam(*tensors, *stats, *scalars, **flags)
-            clipped.append(c)
-            scales.append(s)
+                results.append(_single_tensor_stable_spam(*tensors, *stats, *scalars, **flags))
             entries += p.numel()
-        self._count(entries, clipped, scales)
+        results += _fused_stable_spam(fused, **flags)
+        self._count(entries, [c for c, _ in results], [s for _, s in results])
