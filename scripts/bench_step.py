@@ -10,8 +10,9 @@ the same run, and the state bytes, checked against the registry's declared figur
 It also measures this machine's memory-traffic floor and prints each element-wise optimizer's ratio
 to the time its minimal memory traffic takes. The floor is a streaming kernel (``add_`` over two flat
 tensors of the same size) stepped in the same interleaved rounds as the optimizers, and each ratio is
-the median over rounds of (step time / floor time of that round, scaled to the words moved): on a
-shared VM the bandwidth drifts by tens of percent within a minute, which paired rounds cancel. For
+the median over repetitions of (step time / time of the floor kernel run just before that step, scaled
+to the words moved): on a shared VM the bandwidth drifts by tens of percent within seconds, which
+adjacent pairs cancel best. For
 the Newton-Schulz optimizers: batched vs per-matrix orthogonalization; and AuON vs NorMuon cost.
 
     python scripts/bench_step.py                 # full run (several minutes on 2 cores)
@@ -99,6 +100,7 @@ class Candidate:
     ours: bool = False
     reference: bool = False  # torch.optim.AdamW foreach, the common yardstick
     floor: bool = False  # the streaming kernel that measures the memory-traffic floor
+    floor_times: list[float] = field(default_factory=list)  # the floor kernel just before each timed step
     times: list[float] = field(default_factory=list)
     state_bytes: int = 0
     expected_bytes: int | None = None
@@ -242,10 +244,15 @@ def run_interleaved(cands: list[Candidate], named, reps: int, warmup: int, budge
                 break
         opts.append(opt)
         quota.append(max(1, min(reps, int(budget_s / max(took, 1e-9)))))
+    floor = next((opt for c, opt in zip(cands, opts) if c.floor), None)
     for r in range(reps):
         for c, opt, q in zip(cands, opts, quota):
             if r >= q:
                 continue
+            if floor is not None and not c.floor:  # the floor kernel right before each timed step
+                t0 = time.perf_counter()
+                floor.step()
+                c.floor_times.append(time.perf_counter() - t0)
             reattach()
             t0 = time.perf_counter()
             opt.step()
@@ -280,8 +287,8 @@ def floor_candidate(numel: int) -> Candidate:
 
 
 def paired_ratio(times: list[float], floor_times: list[float], words: int) -> float:
-    """Median over rounds of ``t / (floor t * words / 3)``: the ratio to the time ``words`` words per
-    element take at the bandwidth measured in the same round."""
+    """Median over repetitions of ``t / (floor t * words / 3)``: the ratio to the time ``words`` words
+    per element take at the bandwidth measured just before the step."""
     return statistics.median(t / (f * words / StreamingFloor.WORDS) for t, f in zip(times, floor_times))
 
 
@@ -343,8 +350,8 @@ def report(results: dict) -> str:
              f"Parameter set: {results['params']} ({results['numel']:,} parameters); median of "
              f"{results['reps']} interleaved repetitions after {results['warmup']} warm-up steps.",
              f"Memory-traffic floor: {results['bandwidth_GBps']:.1f} GB/s median (add_ streaming kernel, interleaved "
-             f"with the steps; range over rounds {results['bandwidth_range_GBps'][0]:.1f}-"
-             f"{results['bandwidth_range_GBps'][1]:.1f} GB/s). x bound: median of per-round ratios.",
+             f"with the steps; range {results['bandwidth_range_GBps'][0]:.1f}-"
+             f"{results['bandwidth_range_GBps'][1]:.1f} GB/s). x bound: median ratio to the floor run just before each step.",
              "Matrix optimizers and their peers are timed on the hidden matrices only "
              f"({results['hidden_numel']:,} parameters).", "",
              "| optimizer | implementation | step ms | x AdamW | x fastest peer | x bound | state MB | "
@@ -413,7 +420,7 @@ def main(argv=None) -> int:
         peer_times = [med[c.label] for c in cands if not c.ours and not c.reference and not c.floor]
         floor = next((c for c in cands if c.floor), None)
         if floor:
-            floor_times += [t / fam_numel for t in floor.times]  # seconds per element, comparable across sets
+            floor_times += [t / fam_numel for c in cands for t in c.floor_times + (c.times if c.floor else [])]
         for c in cands:
             if c.floor:
                 continue
@@ -426,7 +433,7 @@ def main(argv=None) -> int:
                 "algorithm": spec.name, "label": c.label, "ours": c.ours, "ms": 1e3 * t, "kind": spec.kind,
                 "x_adamw": t / ref if ref else None,
                 "x_fastest_peer": (t / min(peer_times)) if (peer_times and c.ours) else None,
-                "x_bound": paired_ratio(c.times, floor.times, bound) if floor else None,
+                "x_bound": paired_ratio(c.times, c.floor_times, bound) if floor else None,
                 "state_MB": c.state_bytes / 2**20, "state_bytes": c.state_bytes,
                 "bytes_per_param": c.state_bytes / fam_numel,
                 "registry_bytes": c.expected_bytes,
