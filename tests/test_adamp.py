@@ -186,3 +186,21 @@ def test_bf16_single_and_foreach_agree():
     for p, q in zip(*res):
         assert torch.isfinite(p).all()
         torch.testing.assert_close(p, q, rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("kwargs", ADAMP_CONFIGS[:4], ids=str)
+def test_adamp_foreach_over_row_blocks_matches(kwargs, monkeypatch):
+    """The foreach path's statistics and projected update over several row blocks (tiny blocks here)."""
+    import optimzoo.optim.adamp as adamp
+
+    monkeypatch.setattr(adamp, "BLOCK_ELEMENTS", 20)
+    assert len(adamp.row_blocks(torch.zeros(16, 8))) > 1
+    assert run_pair(AdamP, torch_optimizer.AdamP, kwargs, {"foreach": True}) <= 1e-6
+
+
+@pytest.mark.parametrize("kwargs", SGDP_CONFIGS[:4], ids=str)
+def test_sgdp_foreach_over_row_blocks_matches(kwargs, monkeypatch):
+    import optimzoo.optim.adamp as adamp
+
+    monkeypatch.setattr(adamp, "BLOCK_ELEMENTS", 20)
+    assert run_pair(SGDP, torch_optimizer.SGDP, kwargs, {"foreach": True}, scale=0.1) <= 1e-6

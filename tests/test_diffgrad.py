@@ -70,3 +70,12 @@ def test_state_layout():
     opt.step()
     st = opt.state[p]
     assert set(st) == {"step", "exp_avg", "exp_avg_sq", "previous_grad"} and float(st["step"]) == 1
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(weight_decay=0.1)], ids=str)
+def test_foreach_in_chunks_matches_torch_optimizer(kwargs, monkeypatch):
+    """The foreach path over chunks that split tensors (tiny chunks here), per-tensor step sizes included."""
+    import optimzoo.optim._base as base
+
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 5)
+    assert max_diff(kwargs, {"foreach": True}) <= 1e-6

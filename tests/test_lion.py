@@ -81,6 +81,18 @@ def test_lion_matches_lion_pytorch(path, weight_decay):
     assert max_diff(ref, start) > 0.05  # the run moved the parameters
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.3])
+def test_lion_foreach_in_chunks_matches_lion_pytorch(weight_decay, monkeypatch):
+    """The foreach path run over chunks that split tensors (tiny chunks here) is still bit-exact."""
+    import optimzoo.optim._base as base
+
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 7)
+    hp = dict(lr=3e-3, betas=(0.9, 0.99), weight_decay=weight_decay)
+    ref, _ = run(lambda ps: lion_pytorch.Lion(ps, **hp), SHAPES, steps=20)
+    ours, _ = run(lambda ps: Lion(ps, **hp, foreach=True), SHAPES, steps=20)
+    assert max_diff(ref, ours) == 0.0
+
+
 def test_lion_fused_matches_lion_pytorch():
     hp = dict(lr=3e-3, betas=(0.95, 0.98), weight_decay=0.1)
     ref, _ = run(lambda ps: lion_pytorch.Lion(ps, **hp), SHAPES, steps=30)

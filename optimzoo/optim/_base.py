@@ -136,7 +136,7 @@ CHUNK_ELEMENTS = 1 << 20
 
 
 def foreach_chunks(tensor_lists: Sequence[Sequence[torch.Tensor]],
-                   elements: int = CHUNK_ELEMENTS) -> Iterator[tuple[list[list[torch.Tensor]], list[int]]]:
+                   elements: int | None = None) -> Iterator[tuple[list[list[torch.Tensor]], list[int]]]:
     """Split parallel lists of same-shaped tensors into groups of flat pieces (views) of about
     ``elements`` elements, for element-wise ``torch._foreach_*`` updates run group by group.
 
@@ -145,7 +145,9 @@ def foreach_chunks(tensor_lists: Sequence[Sequence[torch.Tensor]],
     data that is still in cache, and its temporaries are small: on a CPU a temporary the size of an
     embedding matrix (> 32 MB) is a fresh mapping from the allocator, page-faulted in at every step.
     Non-contiguous tensors are passed whole. Only for updates without whole-tensor reductions.
+    ``elements`` defaults to :data:`CHUNK_ELEMENTS`.
     """
+    elements = elements or CHUNK_ELEMENTS
     groups: list[list[torch.Tensor]] = [[] for _ in tensor_lists]
     sources: list[int] = []
     size = 0

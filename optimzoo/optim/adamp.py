@@ -43,7 +43,7 @@ __all__ = ["SGDP", "AdamP", "apply_projection_", "projection_scale", "projection
 
 #: elements per row block of the eager statistics: temporaries of 1 MB (fp32) stay in cache and in
 #: the allocator's free lists, where a full-size temporary of a large matrix would cost page faults
-_BLOCK_ELEMENTS = 1 << 18
+BLOCK_ELEMENTS = 1 << 18
 
 
 def row_sums(x: torch.Tensor) -> torch.Tensor:
@@ -66,9 +66,11 @@ def projection_stats(param: torch.Tensor, grad: torch.Tensor, update: torch.Tens
     return row_sums(grad * param), row_sums(grad * grad), row_sums(param * param), row_sums(param * update)
 
 
-def row_blocks(param: torch.Tensor, block_elements: int = _BLOCK_ELEMENTS) -> list[slice]:
-    """Slices of the rows of a ``(C, D)`` view, about ``block_elements`` elements each, for the eager
-    paths: per-block temporaries stay small. A sharded tensor is one block."""
+def row_blocks(param: torch.Tensor, block_elements: int | None = None) -> list[slice]:
+    """Slices of the rows of a ``(C, D)`` view, about ``block_elements`` (default
+    :data:`BLOCK_ELEMENTS`) elements each, for the eager paths: per-block temporaries stay small. A
+    sharded tensor is one block."""
+    block_elements = block_elements or BLOCK_ELEMENTS
     per_block = max(1, block_elements // max(1, param.size(1)))
     if hasattr(param, "device_mesh") or param.size(0) <= per_block:
         return [slice(None)]
@@ -77,7 +79,7 @@ def row_blocks(param: torch.Tensor, block_elements: int = _BLOCK_ELEMENTS) -> li
 
 def blocked_projection_stats(param: torch.Tensor, grad: torch.Tensor, numer: torch.Tensor,
                              denom: torch.Tensor | None = None,
-                             block_elements: int = _BLOCK_ELEMENTS) -> tuple[torch.Tensor, ...]:
+                             block_elements: int | None = None) -> tuple[torch.Tensor, ...]:
     """:func:`projection_stats` of ``(param, grad, numer / denom)`` (``numer`` if no ``denom``) over
     :func:`row_blocks` (same values): neither the update nor any product is materialized whole."""
     blocks = []
