@@ -28,7 +28,8 @@ SAVE_AT = 3  # DCP: checkpoint after this many steps, then STEPS - SAVE_AT more
 
 #: (case id, registry name, extra hyperparameters): every registered optimizer with the contract
 #: suite's settings, plus settings that exercise the whole-tensor reductions (AdamP's projection
-#: with a threshold that fires, SPAM's clipping and reset, Stable-SPAM's reset, Lion-K's norms)
+#: with a threshold that fires, SPAM's clipping and reset, Stable-SPAM's reset, Lion-K's norms) and
+#: the element-wise optimizers' foreach paths on DTensors
 CASES = [(n, n, {}) for n in NAMES] + [
     ("adamp[delta=1]", "adamp", {"delta": 1.0}),
     ("sgdp[delta=1]", "sgdp", {"delta": 1.0, "momentum": 0.9}),
@@ -38,6 +39,13 @@ CASES = [(n, n, {}) for n in NAMES] + [
     ("lion_k[lp]", "lion_k", {"kappa": "lp"}),
     ("lion_k[nuclear]", "lion_k", {"kappa": "nuclear"}),
     ("normuon[match_adamw]", "normuon", {"adjust_lr": "match_adamw"}),
+    # the foreach paths on DTensors (the default for DTensors is the single-tensor path)
+    ("adamp[foreach,delta=1]", "adamp", {"foreach": True, "delta": 1.0}),
+    ("sgdp[foreach,delta=1]", "sgdp", {"foreach": True, "delta": 1.0, "momentum": 0.9}),
+    ("diffgrad[foreach]", "diffgrad", {"foreach": True}),
+    ("lion[foreach]", "lion", {"foreach": True}),
+    ("spam[foreach]", "spam", {"foreach": True}),
+    ("stable_spam[foreach]", "stable_spam", {"foreach": True}),
 ]
 MATRIX_CASES = [c for c in CASES if optimzoo.get_spec(c[1]).kind == "matrix"]
 

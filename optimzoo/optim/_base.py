@@ -144,7 +144,8 @@ def foreach_chunks(tensor_lists: Sequence[Sequence[torch.Tensor]],
     comes from (to pick per-tensor scalars). A foreach update run group by group makes its passes over
     data that is still in cache, and its temporaries are small: on a CPU a temporary the size of an
     embedding matrix (> 32 MB) is a fresh mapping from the allocator, page-faulted in at every step.
-    Non-contiguous tensors are passed whole. Only for updates without whole-tensor reductions.
+    Non-contiguous and sharded (``DTensor``) tensors are passed whole. Only for updates without
+    whole-tensor reductions.
     ``elements`` defaults to :data:`CHUNK_ELEMENTS`.
     """
     elements = elements or CHUNK_ELEMENTS
@@ -154,7 +155,7 @@ def foreach_chunks(tensor_lists: Sequence[Sequence[torch.Tensor]],
     for i, first in enumerate(tensor_lists[0]):
         tensors = [lst[i] for lst in tensor_lists]
         n = first.numel()
-        if all(t.is_contiguous() for t in tensors):
+        if all(t.is_contiguous() for t in tensors) and not hasattr(first, "device_mesh"):
             flat = [t.view(-1) for t in tensors]
             pieces = [[f[s:s + elements] for f in flat] for s in range(0, n, elements)] if n else [flat]
         else:
