@@ -191,16 +191,17 @@ def test_bf16_single_and_foreach_agree():
 @pytest.mark.parametrize("kwargs", ADAMP_CONFIGS[:4], ids=str)
 def test_adamp_foreach_over_row_blocks_matches(kwargs, monkeypatch):
     """The foreach path's statistics and projected update over several row blocks (tiny blocks here)."""
+    import optimzoo.optim._base as base
     import optimzoo.optim.adamp as adamp
 
-    monkeypatch.setattr(adamp, "BLOCK_ELEMENTS", 20)
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 20)
     assert len(adamp.row_blocks(torch.zeros(16, 8))) > 1
     assert run_pair(AdamP, torch_optimizer.AdamP, kwargs, {"foreach": True}) <= 1e-6
 
 
 @pytest.mark.parametrize("kwargs", SGDP_CONFIGS[:4], ids=str)
 def test_sgdp_foreach_over_row_blocks_matches(kwargs, monkeypatch):
-    import optimzoo.optim.adamp as adamp
+    import optimzoo.optim._base as base
 
-    monkeypatch.setattr(adamp, "BLOCK_ELEMENTS", 20)
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 20)
     assert run_pair(SGDP, torch_optimizer.SGDP, kwargs, {"foreach": True}, scale=0.1) <= 1e-6

@@ -193,6 +193,18 @@ def _power_of_two_groups(items: Sequence) -> Iterator[Sequence]:
         i += size
 
 
+def eager_kernel(fn: Callable) -> Callable:
+    """A runner of ``fn`` (not compiled) with :func:`fused_kernel`'s calling convention: a list of
+    argument tuples, one per tensor, and static keyword arguments; returns ``fn``'s results."""
+
+    def run(items: Sequence[tuple], **static) -> list:
+        return [fn(*item, **static) for item in items]
+
+    run.__wrapped__ = fn  # type: ignore[attr-defined]
+    run.__name__ = fn.__name__
+    return run
+
+
 def fused_kernel(fn: Callable) -> Callable:
     """Return a runner of ``fn`` compiled by ``torch.compile`` over groups of tensors.
 
@@ -207,12 +219,11 @@ def fused_kernel(fn: Callable) -> Callable:
     instead of one pass per elementary op. Compiled on first use (seconds).
     """
 
-    def over(items, **static):
-        return [fn(*item, **static) for item in items]
-
-    # A code object of its own: torch.compile keeps (a bounded number of) graphs per code object.
-    over = types.FunctionType(over.__code__.replace(co_name=f"fused_{fn.__name__}"), over.__globals__,
-                              f"fused_{fn.__name__}", None, over.__closure__)
+    # The eager runner with a code object of its own: torch.compile keeps (a bounded number of)
+    # graphs per code object.
+    eager = eager_kernel(fn)
+    over = types.FunctionType(eager.__code__.replace(co_name=f"fused_{fn.__name__}"), eager.__globals__,
+                              f"fused_{fn.__name__}", None, eager.__closure__)
     compiled: list[Callable] = []
 
     def run(items: Sequence[tuple], **static) -> list:
@@ -228,17 +239,6 @@ def fused_kernel(fn: Callable) -> Callable:
 
     run.__wrapped__ = fn  # type: ignore[attr-defined]
     run.__name__ = f"fused_{fn.__name__}"
-    return run
-
-
-def eager_kernel(fn: Callable) -> Callable:
-    """The runner of :func:`fused_kernel`'s calling convention for ``fn`` itself (not compiled)."""
-
-    def run(items: Sequence[tuple], **static) -> list:
-        return [fn(*item, **static) for item in items]
-
-    run.__wrapped__ = fn  # type: ignore[attr-defined]
-    run.__name__ = fn.__name__
     return run
 
 
@@ -318,6 +318,20 @@ class ZooOptimizer(Optimizer):
     def _fusable(*tensors: torch.Tensor) -> bool:
         """Whether a fused kernel can take flat views of ``tensors`` (contiguous, more than one element)."""
         return tensors[0].numel() > 1 and all(t.is_contiguous() for t in tensors)
+
+    @classmethod
+    def _run_kernel(cls, runner: Callable, items: Sequence[tuple[tuple[torch.Tensor, ...], tuple]], fused: bool,
+                    **static) -> list:
+        """Run ``(tensors, scalars)`` items, one per parameter, through ``runner`` (a :func:`fused_kernel`):
+        on the fused path flat views of the tensors it can take, the others (and everything off the fused
+        path) through its eager function. Results in item order."""
+        compiled = [i for i, (tensors, _) in enumerate(items) if fused and cls._fusable(*tensors)]
+        results = runner([(*(t.view(-1) for t in items[i][0]), *items[i][1]) for i in compiled], **static)
+        out = dict(zip(compiled, results))
+        for i, (tensors, scalars) in enumerate(items):
+            if i not in out:
+                out[i] = runner.__wrapped__(*tensors, *scalars, **static)
+        return [out[i] for i in range(len(items))]
 
     @staticmethod
     def _closure_loss(closure: Callable | None) -> Any:

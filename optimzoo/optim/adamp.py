@@ -23,6 +23,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..distributed.reduce import global_amax, global_sum
+from . import _base
 from ._base import (
     ZooOptimizer,
     check_betas,
@@ -40,11 +41,6 @@ __all__ = ["SGDP", "AdamP", "apply_projection_", "projection_scale", "projection
 # --------------------------------------------------------------------------------------------
 # The projection (shared by AdamP and SGDP)
 # --------------------------------------------------------------------------------------------
-
-#: elements per row block of the eager statistics: temporaries of 1 MB (fp32) stay in cache and in
-#: the allocator's free lists, where a full-size temporary of a large matrix would cost page faults
-BLOCK_ELEMENTS = 1 << 18
-
 
 def row_sums(x: torch.Tensor) -> torch.Tensor:
     """Per-row sums of a ``(C, D)`` view (the channel view): local to a row shard."""
@@ -68,9 +64,11 @@ def projection_stats(param: torch.Tensor, grad: torch.Tensor, update: torch.Tens
 
 def row_blocks(param: torch.Tensor, block_elements: int | None = None) -> list[slice]:
     """Slices of the rows of a ``(C, D)`` view, about ``block_elements`` (default
-    :data:`BLOCK_ELEMENTS`) elements each, for the eager paths: per-block temporaries stay small. A
-    sharded tensor is one block."""
-    block_elements = block_elements or BLOCK_ELEMENTS
+    :data:`~optimzoo.optim._base.CHUNK_ELEMENTS`, as :func:`~optimzoo.optim._base.foreach_chunks`)
+    elements each, for the eager paths: per-block temporaries stay small (in cache and in the
+    allocator's free lists, where a full-size one would be page-faulted in). A sharded tensor is one
+    block."""
+    block_elements = block_elements or _base.CHUNK_ELEMENTS
     per_block = max(1, block_elements // max(1, param.size(1)))
     if hasattr(param, "device_mesh") or param.size(0) <= per_block:
         return [slice(None)]
@@ -156,10 +154,10 @@ def _projects(p: torch.Tensor) -> bool:
 
 
 def _fusable(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled kernel takes these tensors: contiguous and without size-1 dimensions in the
-    ``(C, D)`` view (torch.compile specializes sizes 0 and 1, which would cost graphs of their own)."""
+    """:meth:`ZooOptimizer._fusable`, and no size-1 dimension in the ``(C, D)`` view of a tested tensor
+    (torch.compile specializes sizes 0 and 1, which would cost graphs of their own)."""
     t = tensors[0]
-    if t.numel() <= 1 or not all(x.is_contiguous() for x in tensors):
+    if not ZooOptimizer._fusable(*tensors):
         return False
     return not _projects(t) or (t.size(0) > 1 and t.numel() // t.size(0) > 1)
 
@@ -186,6 +184,14 @@ class AdamPScalars(NamedTuple):
     wd_ratio: torch.Tensor
     threshold_channel: torch.Tensor
     threshold_layer: torch.Tensor
+
+
+def _foreach_projection(p, g, numer, denom, eps, delta) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, project)`` of one tested tensor on a foreach path, for the update ``numer / denom``
+    (``numer`` if no ``denom``), the statistics over row blocks."""
+    th_c, th_l = ZooOptimizer._scalars(p.device, *_thresholds(p, delta))
+    views = [_matrix_view(t) for t in (p, g, numer)] + ([] if denom is None else [_matrix_view(denom)])
+    return projection_scale(blocked_projection_stats(*views), eps, th_c, th_l)
 
 
 def _adam_moments(grad, exp_avg, exp_avg_sq, hp: AdamPScalars) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,11 +264,10 @@ def _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, bc2_sqrts, step_si
         for k, (p, g) in enumerate(zip(ps, gs)):
             decay = 1 - lr_wd
             if _projects(p):
-                w, gv, nv, dv = (_matrix_view(t) for t in (p, g, numer[k], denom[k]))
-                th_c, th_l = ZooOptimizer._scalars(device, *_thresholds(p, delta))
-                scale, project = projection_scale(blocked_projection_stats(w, gv, nv, dv), eps_t, th_c, th_l)
+                scale, project = _foreach_projection(p, g, numer[k], denom[k], eps_t, delta)
                 decay = 1 - lr_wd * _decay_factor(project, ratio_t)
                 if not _skips(project):
+                    w, nv, dv = (_matrix_view(t) for t in (p, numer[k], denom[k]))
                     for rows in row_blocks(w):
                         update = apply_projection_(nv[rows] / dv[rows], w[rows], scale[rows])
                         w[rows].mul_(decay).add_(update, alpha=-steps[k])
@@ -350,11 +355,9 @@ def _multi_tensor_sgdp(params, grads, bufs, *, lr, momentum, dampening, wd_scale
         for k, (p, g) in enumerate(zip(ps, gs)):
             decay = 1 - wd_scaled
             if _projects(p):
-                w, gv, uv = (_matrix_view(t) for t in (p, g, updates[k]))
-                th_c, th_l = ZooOptimizer._scalars(device, *_thresholds(p, delta))
-                scale, project = projection_scale(blocked_projection_stats(w, gv, uv), eps_t, th_c, th_l)
+                scale, project = _foreach_projection(p, g, updates[k], None, eps_t, delta)
                 if not _skips(project):
-                    apply_projection_(uv, w, scale)
+                    apply_projection_(_matrix_view(updates[k]), _matrix_view(p), scale)
                 decay = 1 - wd_scaled * _decay_factor(project, ratio_t)
             if wd_scaled:
                 p.mul_(decay)
@@ -383,22 +386,28 @@ class _ProjectionOptimizer(ZooOptimizer):
         """Step ``(tensors, hyperparameters)`` items with ``kernels`` (eager or compiled runners): the
         one-pass ``vector`` kernel for 1-D tensors, else the ``(C, D)`` views through ``pass1``
         (statistics) and ``pass2`` (update)."""
-        vectors = [(*(t.view(-1) for t in tensors), hp) for tensors, hp in items if not _projects(tensors[0])]
-        matrices = [tuple(_matrix_view(t) for t in tensors) for tensors, _ in items if _projects(tensors[0])]
-        hps = [hp for tensors, hp in items if _projects(tensors[0])]
+        vectors, matrices = [], []
+        for tensors, hp in items:
+            if _projects(tensors[0]):
+                matrices.append((tuple(_matrix_view(t) for t in tensors), hp))
+            else:
+                vectors.append((*(t.view(-1) for t in tensors), hp))
         kernels["vector"](vectors, nesterov=nesterov)
-        stats = kernels["pass1"]([(*views, hp) for views, hp in zip(matrices, hps)], nesterov=nesterov)
-        kernels["pass2"]([(*views, scale, project, hp) for views, (scale, project), hp in zip(matrices, stats, hps)],
+        stats = kernels["pass1"]([(*views, hp) for views, hp in matrices], nesterov=nesterov)
+        kernels["pass2"]([(*views, scale, project, hp) for (views, hp), (scale, project) in zip(matrices, stats)],
                          nesterov=nesterov)
 
     def _run_paths(self, path: str, fused_kernels: dict, eager_kernels: dict, items: list, nesterov: bool) -> None:
         """Items whose tensors the compiled kernels take go to ``fused_kernels`` (on the fused path), the
-        others to ``eager_kernels``."""
-        fused = [it for it in items if path == "fused" and _fusable(*it[0])]
-        eager = [it for it in items if not (path == "fused" and _fusable(*it[0]))]
+        others to ``eager_kernels`` (with a contiguous gradient, for the views)."""
+        fused, eager = [], []
+        for (p, g, *state), hp in items:
+            if path == "fused" and _fusable(p, g, *state):
+                fused.append(((p, g, *state), hp))
+            else:
+                eager.append(((p, g.contiguous(), *state), hp))
         self._step_tensors(fused_kernels, fused, nesterov)
-        self._step_tensors(eager_kernels, [((it[0][0], it[0][1].contiguous(), *it[0][2:]), it[1]) for it in eager],
-                           nesterov)
+        self._step_tensors(eager_kernels, eager, nesterov)
 
 
 class AdamP(_ProjectionOptimizer):
@@ -410,7 +419,7 @@ class AdamP(_ProjectionOptimizer):
         m &\leftarrow \beta_1 m + (1-\beta_1) g, \qquad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
         u &= \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
             \quad \Big(\text{Nesterov: } u = \frac{\beta_1 m + (1-\beta_1) g}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}\Big) \\
-        u, r &= \Pi(W, g, u) \quad (\text{see } \texttt{project\_scale\_invariant};
+        u, r &= \Pi(W, g, u) \quad (\text{see } \texttt{projection\_scale};
             r = \texttt{wd\_ratio} \text{ if projected, else } 1) \\
         W &\leftarrow W (1 - \eta \lambda r) - \frac{\eta}{1-\beta_1^t} u
 

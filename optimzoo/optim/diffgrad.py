@@ -136,13 +136,7 @@ class DiffGrad(ZooOptimizer):
                 _multi_tensor_diffgrad(params, grads, ms, vs, prevs, step_sizes, beta1=beta1, beta2=beta2, eps=eps,
                                        weight_decay=wd)
                 continue
-            fused = []
-            for p, g, m, v, prev, ss in zip(params, grads, ms, vs, prevs, step_sizes):
-                scalars = self._scalars(p.device, beta1, 1 - beta1, beta2, 1 - beta2, eps, ss, wd)
-                tensors = (p, g, m, v, prev)
-                if path == "fused" and self._fusable(*tensors):
-                    fused.append((*(t.view(-1) for t in tensors), *scalars))
-                else:
-                    _single_tensor_diffgrad(*tensors, *scalars, decay=bool(wd))
-            _fused_diffgrad(fused, decay=bool(wd))
+            items = [((p, g, m, v, prev), self._scalars(p.device, beta1, 1 - beta1, beta2, 1 - beta2, eps, ss, wd))
+                     for p, g, m, v, prev, ss in zip(params, grads, ms, vs, prevs, step_sizes)]
+            self._run_kernel(_fused_diffgrad, items, path == "fused", decay=bool(wd))
         return loss

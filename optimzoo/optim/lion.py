@@ -224,20 +224,15 @@ def _kernel_scalars(device, lr, beta1, beta2, weight_decay, p, a) -> tuple[torch
 
 
 def _fused_path(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, kappa, p, a) -> None:
+    # Every non-nuclear map is shape-agnostic (element-wise or over the whole tensor), so the compiled
+    # kernel takes flat views: one graph per dtype and group length serves every parameter shape.
     scalars: dict[torch.device, tuple[torch.Tensor, ...]] = {}
     items = []
     for param, grad, exp_avg in zip(params, grads, exp_avgs):
         if param.device not in scalars:
             scalars[param.device] = _kernel_scalars(param.device, lr, beta1, beta2, weight_decay, p, a)
-        # Every non-nuclear map is shape-agnostic (element-wise or over the whole tensor), so contiguous
-        # tensors go in flat: one compiled graph per dtype serves every parameter shape. One-element
-        # tensors (torch.compile specializes size 1) and non-contiguous ones (a flat view would need a
-        # copy) take the eager kernel, so that they do not cost graphs of their own.
-        if param.numel() > 1 and param.is_contiguous() and exp_avg.is_contiguous():
-            items.append((param.view(-1), grad.reshape(-1), exp_avg.view(-1), *scalars[param.device]))
-        else:
-            _single_tensor_lion(param, grad, exp_avg, *scalars[param.device], kappa=kappa)
-    _FUSED[kappa](items)
+        items.append(((param, grad, exp_avg), scalars[param.device]))
+    ZooOptimizer._run_kernel(_FUSED[kappa], items, fused=True)
 
 
 # --------------------------------------------------------------------------------------------

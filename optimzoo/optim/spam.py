@@ -307,15 +307,10 @@ class SPAM(_SpikeAware):
             counts = _multi_tensor_spam(params, grads, ms, vs, step_sizes, beta1=beta1, beta2=beta2, eps=eps,
                                         neg_lr_wd=neg_lr_wd, threshold=group["threshold"], reset=reset, clip=clip)
         else:
-            counts, fused = [], []
-            for p, g, m, v, size in zip(params, grads, ms, vs, step_sizes):
-                scalars = self._scalars(p.device, beta1, 1 - beta1, beta2, 1 - beta2, eps, size, neg_lr_wd,
-                                        group["threshold"])
-                if path == "fused" and self._fusable(p, g, m, v):
-                    fused.append((p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), *scalars))
-                else:
-                    counts.append(_single_tensor_spam(p, g, m, v, *scalars, reset=reset, clip=clip))
-            counts += _fused_spam(fused, reset=reset, clip=clip)
+            items = [((p, g, m, v), self._scalars(p.device, beta1, 1 - beta1, beta2, 1 - beta2, eps, size, neg_lr_wd,
+                                                  group["threshold"]))
+                     for p, g, m, v, size in zip(params, grads, ms, vs, step_sizes)]
+            counts = self._run_kernel(_fused_spam, items, path == "fused", reset=reset, clip=clip)
         self._count(sum(p.numel() for p in params), counts if clip else [])
 
 
@@ -428,7 +423,7 @@ class StableSPAM(_SpikeAware):
         lr, eps, fix = float(group["lr"]), group["eps"], group["reset_fix"]
         use_fused = self._path(group, [p for p, _ in pairs]) == "fused"
         flags = dict(zero_before=reset and fix, zero_after=reset and not fix)
-        results, fused, entries = [], [], 0
+        items, entries = [], 0
         for p, g in pairs:
             state = self.state[p]
             m, v = self._zeros_state(state, p, "exp_avg", "exp_avg_sq")
@@ -448,12 +443,8 @@ class StableSPAM(_SpikeAware):
                 p.device, 1 - lr * group["weight_decay"], theta, 1 - theta, 1 - theta**t_norm, gamma1, 1 - gamma1,
                 1 - gamma1**t_norm, gamma2, 1 - gamma2, 1 - gamma2**t_norm, eps, beta1, 1 - beta1, beta2, 1 - beta2,
                 math.sqrt(1 - beta2**t), lr / (1 - beta1**t))
-            tensors = (p, g, m, v)
-            stats = (state["m_norm"], state["v_norm"], state["m_max"])
-            if use_fused and self._fusable(*tensors):
-                fused.append((*(x.view(-1) for x in tensors), *stats, *scalars))
-            else:
-                results.append(_single_tensor_stable_spam(*tensors, *stats, *scalars, **flags))
+            # the tensor's 0-d statistics travel with the scalars (they are not flattened)
+            items.append(((p, g, m, v), (state["m_norm"], state["v_norm"], state["m_max"], *scalars)))
             entries += p.numel()
-        results += _fused_stable_spam(fused, **flags)
+        results = self._run_kernel(_fused_stable_spam, items, use_fused, **flags)
         self._count(entries, [c for c, _ in results], [s for _, s in results])
