@@ -305,6 +305,31 @@ def get_optimizer(name: str) -> type:
     return get_spec(name).cls
 
 
+def registered_name(cls: type) -> str | None:
+    """The canonical name ``cls`` is registered under (the first one, if several), or None.
+
+    The registry is the one source of optimizer names: ``ZooOptimizer.optimizer_name`` (what
+    ``state_dict()`` records) is looked up here. String targets are matched without importing them
+    unless their class name matches (a target may name a re-exporting module).
+    """
+    for spec in _REGISTRY.values():
+        target = spec.target
+        if isinstance(target, str):
+            module, _, attr = target.partition(":")
+            if attr != cls.__qualname__:
+                continue
+            if module != cls.__module__:
+                try:
+                    target = spec.cls
+                except Exception:  # an unimportable third-party target is not this class
+                    continue
+            else:
+                target = cls
+        if target is cls:
+            return spec.name
+    return None
+
+
 def list_optimizers(kind: str | None = None, *, baselines: bool = True, peers: bool = False) -> OptimizerTable:
     """Registered optimizers (a list of specs that prints as a table).
 
@@ -371,7 +396,8 @@ def create_optimizer(
             raise ValueError("the model has no trainable parameters")
         params = plan.groups(spec.kind)
     optimizer = spec.cls(params, **hparams)
-    optimizer.routing_plan = plan
+    # the plan of the groups this optimizer has; for bare tensors, the one a matrix optimizer made (or None)
+    optimizer.routing_plan = plan.for_kind(spec.kind) if plan is not None else getattr(optimizer, "routing_plan", None)
     optimizer.optimizer_name = spec.name
     return optimizer
 

@@ -22,6 +22,10 @@ import torch
 import optimzoo
 from optimzoo.optim.auon import AuON, HybridAuON
 from optimzoo.testing import TinyLM, tiny_batch
+from _tolerance import assert_close, bf16_bound, check, drift_bound
+
+# these tests give bare hidden matrices to the optimizers on purpose (no embeddings or heads among them)
+pytestmark = pytest.mark.filterwarnings("ignore:.*unnamed tensor:UserWarning")
 
 A, B, C = 3.4445, -4.7750, 2.0315
 SHAPES = [(32, 48), (48, 32), (32, 48), (6, 4)]  # includes a tiny matrix, where the brake is visible
@@ -116,24 +120,26 @@ def max_diff(xs, ys):
 def test_auon_paper_matches_the_original_script(nesterov, wd):
     ref = run_reference(script_step, lr=0.24, nesterov=nesterov, wd=wd)
     ours, _ = run(lambda ps: AuON(ps, lr=0.24, nesterov=nesterov, weight_decay=wd))
-    assert max_diff(ref, ours) <= 1e-6  # measured 0.0
+    check(max_diff(ref, ours), drift_bound(ref, 20))
 
 
 def test_auon_paper_vs_the_script_in_bf16():
-    """The script computes the brake in bf16; ours in float32. Bound the difference: measured 1.9e-2 after 20
-    steps of lr 0.24, on the 6x4 matrix whose update entries reach O(1) (bf16's 2^-8 relative precision times
-    the step size, accumulated); 6.5e-4 on the 32x48 ones."""
+    """The script computes the brake in bf16; ours in float32. Each step's update then differs by the bf16
+    rounding of the brake's chain (normalize, cosh, square, mean, sqrt, divide: ~6 roundings of 2^-8 relative
+    each), so the weights differ by at most ~8 bf16 ulps of the distance they moved, per matrix."""
     ref = run_reference(script_step, lr=0.24, dtype=torch.bfloat16)
     ours, _ = run(lambda ps: AuON(ps, lr=0.24))
-    assert 0 < max_diff(ref, ours) <= 5e-2
-    assert max_diff(ref[:3], ours[:3]) <= 2e-3
+    start = run_reference(script_step, steps=0)
+    assert max_diff(ref, ours) > 0  # bf16 and float32 brakes do differ
+    for r, o, s in zip(ref, ours, start):
+        check(max_diff([r], [o]), bf16_bound(max_diff([r], [s]), ulps=8))
 
 
 @pytest.mark.parametrize("wd,gamma", [(0.0, 1.5), (0.1, 1.5), (0.0, 3.0)])
 def test_auon_packaged_matches_the_package(wd, gamma):
     ref = run_reference(package_step, lr=0.08, wd=wd, gamma=gamma)
     ours, _ = run(lambda ps: AuON(ps, lr=0.08, weight_decay=wd, variant="packaged", gamma=gamma))
-    assert max_diff(ref, ours) <= 1e-6  # measured 0.0
+    check(max_diff(ref, ours), drift_bound(ref, 20))
 
 
 @pytest.mark.parametrize("ns_steps", [1, 5])
@@ -141,14 +147,14 @@ def test_hybrid_auon_packaged_matches_the_package(ns_steps):
     ref = run_reference(package_step, lr=0.08, wd=0.01, ns_steps=ns_steps)
     ours, _ = run(lambda ps: HybridAuON(ps, lr=0.08, weight_decay=0.01, variant="packaged", ns_steps=ns_steps,
                                         ns_dtype="float32"))
-    assert max_diff(ref, ours) <= 1e-6  # measured 3e-8 (k=1), 2.7e-7 (k=5: batched matmuls)
+    check(max_diff(ref, ours), drift_bound(ref, 20))
 
 
 @pytest.mark.parametrize("ns_steps", [1, 3])
 def test_hybrid_auon_paper(ns_steps):
     ref = run_reference(hybrid_paper_step, lr=0.24, ns_steps=ns_steps, wd=0.01)
     ours, _ = run(lambda ps: HybridAuON(ps, lr=0.24, ns_steps=ns_steps, weight_decay=0.01, ns_dtype="float32"))
-    assert max_diff(ref, ours) <= 1e-6  # measured 2.4e-7 (k=1), 5.4e-7 (k=3)
+    check(max_diff(ref, ours), drift_bound(ref, 20))
 
 
 def test_auon_first_step_closed_form():
@@ -163,9 +169,9 @@ def test_auon_first_step_closed_form():
         X = g / g.norm()
         r = torch.cosh(X).square().mean().sqrt()
         expected = -0.24 * math.sqrt(max(1, shape[0] / shape[1])) * X / (r + 1e-8)
-        torch.testing.assert_close(p.detach().double(), expected, rtol=1e-6, atol=1e-8)
+        assert_close(p.detach().double(), expected, rtol=1e-6, atol=1e-8)
         assert r > math.sqrt(1 + 1 / g.numel())  # mean cosh^2 = 1 + mean sinh^2 > 1 + mean X^2 = 1 + 1/N
-        torch.testing.assert_close(opt.state[p]["momentum_buffer"].double(), 0.05 * g, rtol=1e-6, atol=0)
+        assert_close(opt.state[p]["momentum_buffer"].double(), 0.05 * g, rtol=1e-6, atol=0)
 
 
 def test_auon_paper_is_scale_invariant_and_packaged_is_not():
@@ -178,8 +184,8 @@ def test_auon_paper_is_scale_invariant_and_packaged_is_not():
             p.grad = scale * g
             opt.step()
             steps[variant, scale] = p.detach().clone()
-    torch.testing.assert_close(steps["paper", 1.0], steps["paper", 100.0], rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(steps["packaged", 100.0], 100 * steps["packaged", 1.0], rtol=1e-5, atol=1e-9)
+    assert_close(steps["paper", 1.0], steps["paper", 100.0], rtol=1e-5, atol=1e-9)
+    assert_close(steps["packaged", 100.0], 100 * steps["packaged", 1.0], rtol=1e-5, atol=1e-9)
     # zero gradients: zero update, no NaN, for every variant
     for cls, variant in [(AuON, "paper"), (AuON, "packaged"), (HybridAuON, "paper"), (HybridAuON, "packaged")]:
         p = torch.nn.Parameter(torch.ones(5, 7))

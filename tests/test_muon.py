@@ -25,6 +25,10 @@ import torch
 import optimzoo
 from optimzoo.optim.muon import Muon, NorMuon
 from optimzoo.testing import TinyLM, tiny_batch
+from _tolerance import EPS32, assert_close, bf16_bound, check, drift_bound, magnitude, ns_amplification, weight_ulps
+
+# these tests give bare hidden matrices to the optimizers on purpose (no embeddings or heads among them)
+pytestmark = pytest.mark.filterwarnings("ignore:.*unnamed tensor:UserWarning")
 
 MUON_ABC = (3.4445, -4.7750, 2.0315)
 SHAPES = [(32, 48), (48, 32), (32, 48), (40, 40), (24, 96)]  # wide, tall, a repeated shape (batched), square
@@ -119,9 +123,9 @@ def test_muon_matches_the_official_update(wd, nesterov, foreach):
     ref, _ = run_reference(muon_reference_step, **hp)
     ours, _ = run(lambda ps: Muon(ps, lr=0.02, weight_decay=wd, nesterov=nesterov, ns_dtype="float32",
                                   foreach=foreach))
-    # measured <= 1.2e-7 over 20 steps (float32 rounding: batched matmuls, lr * s folded into one scalar); the same
-    # comparison with both sides in bf16 differs by 2e-3, since bf16 rounding depends on the order of operations
-    assert max_diff(ref, ours) <= 1e-6
+    # float32 rounding only (batched matmuls, lr * s folded into one scalar); the same comparison with
+    # both sides in bf16 differs by 2e-3, since bf16 rounding depends on the order of operations
+    check(max_diff(ref, ours), drift_bound(ref, 20))
 
 
 @pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
@@ -132,7 +136,7 @@ def test_muon_matches_torch_optim_muon(wd, adjust):
     ref, _ = run(lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=wd, momentum=0.95, nesterov=True,
                                              adjust_lr_fn=adjust))
     ours, _ = run(lambda ps: Muon(ps, lr=0.02, weight_decay=wd, ns_dtype="bfloat16", adjust_lr=ours_adjust))
-    assert max_diff(ref, ours) <= 1e-6
+    check(max_diff(ref, ours), bf16_bound(max_diff(ref, make_params(SHAPES))))
 
 
 @pytest.mark.parametrize("adjusted", [False, True])
@@ -142,7 +146,7 @@ def test_muon_matches_pytorch_optimizer(adjusted):
                                     use_adjusted_lr=adjusted, foreach=False))
     ours, _ = run(lambda ps: Muon(ps, lr=0.02, weight_decay=0.1, ns_dtype="bfloat16",
                                   adjust_lr="match_adamw" if adjusted else "keller"))
-    assert max_diff(ref, ours) <= 1e-6  # measured 0.0
+    check(max_diff(ref, ours), bf16_bound(max_diff(ref, make_params(SHAPES))))
 
 
 def test_muon_first_step_closed_form():
@@ -155,8 +159,9 @@ def test_muon_first_step_closed_form():
         p.grad = g
         opt.step()
         expected = -0.1 * math.sqrt(max(1, shape[0] / shape[1])) * ns5_reference(0.0975 * g)
-        torch.testing.assert_close(p.detach() - start, expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(opt.state[p]["momentum_buffer"], 0.05 * g)
+        atol = weight_ulps(start) + 4 * EPS32 * ns_amplification() * magnitude(expected)
+        assert_close(p.detach() - start, expected, rtol=0, atol=atol)
+        assert_close(opt.state[p]["momentum_buffer"], 0.05 * g)
         assert torch.equal(p.grad, g)  # p.grad untouched
 
 
@@ -171,9 +176,9 @@ def test_normuon_matches_the_official_update(wd, nesterov, beta2, foreach):
     ref, ref_states = run_reference(normuon_reference_step, lr=0.02, wd=wd, nesterov=nesterov, beta2=beta2)
     ours, opt = run(lambda ps: NorMuon(ps, lr=0.02, weight_decay=wd, nesterov=nesterov, beta2=beta2,
                                        ns_dtype="float32", foreach=foreach))
-    assert max_diff(ref, ours) <= 1e-6  # measured <= 1.8e-7 over 20 steps
+    check(max_diff(ref, ours), drift_bound(ref, 20))
     V = [opt.state[p]["second_momentum_buffer"] for p in opt.param_groups[0]["params"]]
-    assert max_diff([st["V"] for st in ref_states], V) <= 1e-7 * max(v.abs().max().item() for v in V) * 10
+    check(max_diff([st["V"] for st in ref_states], V), drift_bound(V, 20))
 
 
 @pytest.mark.parametrize("update_scale", ["preserve_norm", "match_rms"])
@@ -184,7 +189,7 @@ def test_normuon_matches_pytorch_optimizer(update_scale):
                                        update_scale=update_scale, foreach=False))
     adjust = "keller" if update_scale == "preserve_norm" else "match_adamw"
     ours, _ = run(lambda ps: NorMuon(ps, lr=0.02, weight_decay=0.1, ns_dtype="bfloat16", adjust_lr=adjust))
-    assert max_diff(ref, ours) <= 1e-6  # measured 3e-8
+    check(max_diff(ref, ours), bf16_bound(max_diff(ref, make_params(SHAPES))))
 
 
 def test_normuon_first_step_closed_form():
@@ -200,12 +205,15 @@ def test_normuon_first_step_closed_form():
         rows = O / O.square().mean(dim=1, keepdim=True).sqrt()
         expected = -0.1 * math.sqrt(max(1, shape[0] / shape[1])) * rows * (O.norm() / rows.norm())
         step = (p.detach() - start).double()
-        torch.testing.assert_close(step, expected, rtol=0, atol=1e-6)
+        # the weight's rounding, plus 4 ulps of the update amplified by the Newton-Schulz iterations
+        atol = weight_ulps(start) + 4 * EPS32 * ns_amplification() * magnitude(expected)
+        assert_close(step, expected, rtol=0, atol=atol)
         row_rms = step.square().mean(dim=1).sqrt()
-        torch.testing.assert_close(row_rms, row_rms.mean().expand_as(row_rms), rtol=1e-4, atol=0)
+        assert_close(row_rms, row_rms.mean().expand_as(row_rms), rtol=1e-4, atol=0)
         V = opt.state[p]["second_momentum_buffer"]
         assert V.shape == (shape[0], 1) and V.dtype == torch.float32
-        torch.testing.assert_close(V.double(), 0.05 * O.square().mean(dim=1, keepdim=True), rtol=1e-5, atol=0)
+        # V is quadratic in O: twice O's relative error (4 ulps amplified by the iterations)
+        assert_close(V.double(), 0.05 * O.square().mean(dim=1, keepdim=True), rtol=8 * EPS32 * ns_amplification(), atol=0)
 
 
 def test_normuon_match_adamw_gives_update_rms_0_2_lr():
@@ -246,7 +254,7 @@ def test_conv_filters_are_flattened(cls):
         conv[0].grad, flat[0].grad = g, g.reshape(8, 27)
         for o in opts:
             o.step()
-    torch.testing.assert_close(conv[0].detach().reshape(8, 27), flat[0].detach(), rtol=0, atol=1e-7)
+    assert_close(conv[0].detach().reshape(8, 27), flat[0].detach(), rtol=0, atol=1e-7)
     if cls is NorMuon:
         assert opts[0].state[conv[0]]["second_momentum_buffer"].shape == (8, 1)
 
@@ -255,7 +263,7 @@ def test_normuon_metrics_report_the_row_scale_spread():
     shapes = [(16, 32), (16, 32), (32, 8)]
     params = make_params(shapes)
     opt = NorMuon(params, lr=0.02, ns_dtype="float32")
-    assert opt.metrics() == {}
+    assert opt.metrics() == {"nonfinite_grads": 0.0}
 
     def spreads():
         out = []
@@ -271,10 +279,10 @@ def test_normuon_metrics_report_the_row_scale_spread():
         opt.step()
         seen += spreads()
     m = opt.metrics()
-    assert set(m) == {"row_scale_spread"}
+    assert set(m) == {"row_scale_spread", "nonfinite_grads"}
     assert m["row_scale_spread"] == pytest.approx(sum(seen) / len(seen), rel=1e-5)  # 2 steps x 3 matrices
     assert m["row_scale_spread"] > 10
-    assert opt.metrics() == {}  # reset on read
+    assert opt.metrics() == {"nonfinite_grads": 0.0}  # reset on read
     for p in params:
         p.grad = torch.randn(p.shape)
     opt.step()

@@ -132,8 +132,9 @@ def test_decay_flags_on_biases_norms_and_scales():
     roles = {i.name: (i.role, i.role_reason) for i in plan.infos}
     assert roles["conv.weight"] == ("matrix", "4-D weight (flattened)")
     assert roles["embed.weight"][0] == "vector" and roles["fc.bias"][0] == "vector"
-    # no get_output_embeddings() here: the head is a hidden matrix unless a pattern says otherwise
-    assert roles["head.weight"][0] == "matrix"
+    # no get_output_embeddings() here: top-level 'head' and 'fc' are output-head names (timm, torchvision)
+    assert roles["head.weight"] == ("vector", "output head name (score/classifier/fc/head)")
+    assert roles["fc.weight"][0] == "vector"
     assert "frozen" not in roles and "frozen" in {i.name for i in plan_parameters(model, include_frozen=True).infos}
 
 
@@ -178,7 +179,7 @@ def test_printable_plan():
     verbose = plan.summary(verbose=True)
     for i in plan.infos:
         assert i.name in verbose
-    assert "output embedding (LM head)" in verbose and "embedding (Embedding)" in verbose
+    assert "output layer (get_output_embeddings())" in verbose and "embedding (Embedding)" in verbose
     d = json.loads(json.dumps(plan.to_dict()))
     assert d["groups"]["matrix"]["tensors"] == 14
     assert d["params"]["lm_head.weight"]["role"] == "vector"
@@ -221,3 +222,146 @@ def test_llama_60m_state_bytes():
     }
     for name, nbytes in expected.items():
         assert optimzoo.get_spec(name).expected_state_bytes(plan) == nbytes, name
+
+
+# --------------------------------------------------------------------------------------------
+# Routing that cannot go wrong quietly: heads by structure and name, unnamed tensors warn
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_llama_classifier(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_labels=3, pad_token_id=0,
+    )
+    return transformers.LlamaForSequenceClassification(config)
+
+
+def roles_of(opt, model) -> dict[str, str]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return {by_id[id(p)]: g["role"] for g in opt.param_groups for p in g["params"]}
+
+
+HEADS = {"causal": ("lm_head.weight", lambda: tiny_llama(False)), "classifier": ("score.weight", tiny_llama_classifier)}
+
+
+@pytest.mark.parametrize("route", ["model", "named_parameters", "class_named"])
+@pytest.mark.parametrize("kind", list(HEADS))
+def test_embeddings_and_heads_are_vectors_on_every_route(kind, route):
+    """A real LlamaForCausalLM and LlamaForSequenceClassification: the embedding and the output layer
+    (lm_head / score) take AdamW whichever way the optimizer is built from names, with no warning."""
+    import warnings
+
+    head, make = HEADS[kind]
+    model = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 'unnamed tensors' warning on any named route
+        if route == "model":
+            opt = optimzoo.create_optimizer(model, "normuon")
+        elif route == "named_parameters":
+            opt = optimzoo.create_optimizer(model.named_parameters(), "normuon")
+        else:
+            opt = optimzoo.get_optimizer("normuon")(model.named_parameters())
+    roles = roles_of(opt, model)
+    assert roles["model.embed_tokens.weight"] == "vector" and roles[head] == "vector"
+    assert {n for n, r in roles.items() if r == "matrix"} == {n for n, _ in model.named_parameters() if PROJ.search(n)}
+    plan = {i.name: i.role for i in opt.routing_plan.infos}
+    assert plan[head] == "vector" and opt.routing_plan.warning is None
+
+
+@pytest.mark.parametrize("route", ["class", "create_optimizer"])
+@pytest.mark.parametrize("name", MATRIX_OPTIMIZERS)
+def test_unnamed_tensors_warn_once_with_the_count_and_the_fix(name, route):
+    model = tiny_llama_classifier()
+    n2d = sum(p.dim() >= 2 for p in model.parameters())
+    with pytest.warns(UserWarning) as record:
+        if route == "class":
+            opt = optimzoo.get_optimizer(name)(model.parameters())
+        else:
+            opt = optimzoo.create_optimizer(model.parameters(), name)
+    ours = [w for w in record if "unnamed tensor" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in record]
+    text = str(ours[0].message)
+    assert f"{n2d} unnamed tensor(s)" in text and "named_parameters()" in text
+    assert ours[0].filename == __file__  # points at the caller's line, not at optimzoo
+    plan = opt.routing_plan
+    assert plan is not None and plan.warning is not None and f"{n2d} unnamed" in plan.warning
+    assert f"warning: {plan.warning}" in str(plan)
+    assert len(plan.names(role="matrix")) == n2d
+    # explicit roles: no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimzoo.get_optimizer(name)([{"params": list(model.parameters()), "role": "vector"}])
+
+
+def test_heads_found_by_structure_before_names():
+    class TimmLike(nn.Module):  # timm: get_classifier(); an unusual head name
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+            self.last_layer = nn.Linear(8, 5)
+            self.extra = nn.Linear(5, 5)  # registered after the head
+
+        def get_classifier(self):
+            return self.last_layer
+
+    class InputOnly(nn.Module):  # get_input_embeddings() on a non-Embedding module
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Linear(10, 8, bias=False)
+            self.body = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 10)
+
+        def get_input_embeddings(self):
+            return self.tok
+
+    plan = {i.name: (i.role, i.role_reason) for i in plan_parameters(TimmLike()).infos}
+    assert plan["last_layer.weight"] == ("vector", "output layer (get_classifier())")
+    assert plan["extra.weight"][0] == "matrix" and plan["blocks.1.weight"][0] == "matrix"
+    plan = {i.name: (i.role, i.role_reason) for i in plan_parameters(InputOnly()).infos}
+    assert plan["tok.weight"] == ("vector", "input embedding (get_input_embeddings())")
+    assert plan["out.weight"][0] == "vector" and "last nn.Linear" in plan["out.weight"][1]
+    assert plan["body.weight"][0] == "matrix"
+    # a plain MLP: its last Linear is the output layer, and the plan says why
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    plan = {i.name: (i.role, i.role_reason) for i in plan_parameters(mlp).infos}
+    assert [plan[f"{k}.weight"][0] for k in (0, 2, 4)] == ["matrix", "matrix", "vector"]
+    # a model whose logits are tied to its embedding (no head module): the last Linear is hidden
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(50, 8)
+            self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    plan = {i.name: i.role for i in plan_parameters(Tied()).infos}
+    assert plan == {"wte.weight": "vector", "up.weight": "matrix", "up.bias": "vector", "down.weight": "matrix",
+                    "down.bias": "vector"}
+
+
+def test_elementwise_optimizers_print_their_own_groups():
+    model = tiny_llama(False)
+    opt = optimzoo.create_optimizer(model, "adamw", weight_decay=0.1)
+    plan = opt.routing_plan
+    assert plan.kind == "elementwise"
+    rows = {line.split()[0] for line in str(plan).splitlines()[1:-1]}
+    assert rows == {g["group_name"] for g in opt.param_groups} == {"decay", "no_decay"}
+    assert "matrix" not in plan.summary(verbose=True) and set(plan.to_dict()["groups"]) == {"decay", "no_decay"}
+    assert "role" not in next(iter(plan.to_dict()["params"].values()))
+    mplan = optimzoo.create_optimizer(model, "normuon").routing_plan
+    assert {line.split()[0] for line in str(mplan).splitlines()[1:-1]} == {"matrix", "vector", "vector_no_decay"}
+
+
+@pytest.mark.parametrize("name", MATRIX_OPTIMIZERS)
+def test_weight_decay_reaches_every_decayed_group(name):
+    """weight_decay=0.1 decays the embeddings and the head of a matrix optimizer as AdamW decays them
+    (a comparison at the same arguments is not confounded); adamw_weight_decay overrides it."""
+    model = tiny_llama(False)
+    wd = {g["group_name"]: g["weight_decay"] for g in optimzoo.create_optimizer(model, name, weight_decay=0.1).param_groups}
+    assert wd == {"matrix": 0.1, "vector": 0.1, "vector_no_decay": 0.0}
+    adamw = {g["group_name"]: g["weight_decay"] for g in optimzoo.create_optimizer(model, "adamw", weight_decay=0.1).param_groups}
+    assert adamw == {"decay": 0.1, "no_decay": 0.0}
+    opt = optimzoo.create_optimizer(model, name, weight_decay=0.1, adamw_weight_decay=0.0)
+    assert {g["group_name"]: g["weight_decay"] for g in opt.param_groups}["vector"] == 0.0

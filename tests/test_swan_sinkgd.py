@@ -15,6 +15,10 @@ import optimzoo
 from optimzoo.optim.sinkgd import SinkGD
 from optimzoo.optim.swan import SWAN
 from optimzoo.testing import TinyLM, tiny_batch
+from _tolerance import EPS32, EPS_BF16, assert_close, drift_bound, magnitude
+
+# these tests give bare hidden matrices to the optimizers on purpose (no embeddings or heads among them)
+pytestmark = pytest.mark.filterwarnings("ignore:.*unnamed tensor:UserWarning")
 
 SHAPES = [(24, 40), (40, 24), (24, 40), (32, 32)]
 
@@ -78,12 +82,14 @@ def test_swan_exact_first_step_closed_form():
     for (m, n), g, d in zip(SHAPES, grads, steps):
         P = polar_reference(gradnorm_reference(g))
         expected = -0.01 * math.sqrt(m * n) * P / P.norm()
-        torch.testing.assert_close(d, expected, rtol=0, atol=1e-7)
+        # a float32 SVD's polar factor: a few ulps per inner dimension of its largest entry
+        assert_close(d, expected, rtol=0, atol=4 * max(m, n) * EPS32 * magnitude(expected))
         assert d.square().mean().sqrt().item() == pytest.approx(0.01, rel=1e-5)  # RMS lr
     # without rescale: the whitened matrix itself (Frobenius norm sqrt(min(m, n)))
     steps, _, _ = one_step(SWAN, SHAPES, grads, lr=0.01, whitening="exact", rescale=False)
     for (m, n), g, d in zip(SHAPES, grads, steps):
-        torch.testing.assert_close(d, -0.01 * polar_reference(gradnorm_reference(g)), rtol=0, atol=1e-7)
+        expected = -0.01 * polar_reference(gradnorm_reference(g))
+        assert_close(d, expected, rtol=0, atol=4 * max(m, n) * EPS32 * magnitude(expected))
         rank = m if m < n else n - 1  # GradNorm centres the rows: for m >= n the all-ones input direction is lost
         assert d.norm().item() == pytest.approx(0.01 * math.sqrt(rank), rel=1e-5)
 
@@ -119,7 +125,7 @@ def test_swan_is_stateless_and_memoryless():
         opt.step()
         deltas.append([p.detach() - b * (1 - 0.01 * 0.1) for p, b in zip(params, before)])
     for a, b in zip(*deltas):  # the same gradient gives the same update: nothing is remembered
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert_close(a, b, rtol=0, atol=1e-6)
     assert optimzoo.state_bytes(opt) == 0
     assert all(not st for st in opt.state.values())
 
@@ -140,14 +146,15 @@ def test_swan_conv_filters_and_bf16():
     g = torch.randn(8, 3, 3, 3, generator=gen(3))
     (conv,), _, _ = one_step(SWAN, [(8, 3, 3, 3)], [g], lr=0.01)
     (flat,), _, _ = one_step(SWAN, [(8, 27)], [g.reshape(8, 27)], lr=0.01)
-    torch.testing.assert_close(conv.reshape(8, 27), flat, rtol=0, atol=0)  # a filter is its (out, -1) matrix
+    assert_close(conv.reshape(8, 27), flat, rtol=0, atol=0)  # a filter is its (out, -1) matrix
     p = torch.nn.Parameter(torch.zeros(8, 27, dtype=torch.bfloat16))
     opt = SWAN([p], lr=0.01)
     p.grad = g.reshape(8, 27).bfloat16()
     opt.step()
     (ref,), _, _ = one_step(SWAN, [(8, 27)], [g.reshape(8, 27).bfloat16().float()], lr=0.01)
     assert p.dtype == torch.bfloat16
-    torch.testing.assert_close(p.detach().double(), ref, rtol=1e-2, atol=1e-4)  # bf16 rounding (twice)
+    # bf16 rounding twice (the gradient, then the weight): two bf16 ulps
+    assert_close(p.detach().double(), ref, rtol=2 * EPS_BF16, atol=2 * EPS_BF16 * 1e-2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,9 +168,9 @@ def test_sinkgd_first_step_closed_form(iterations):
     grads = grads_for(SHAPES)
     steps, opt, _ = one_step(SinkGD, SHAPES, grads, lr=0.01, iterations=iterations)
     for (m, n), g, d in zip(SHAPES, grads, steps):
-        torch.testing.assert_close(d, -0.01 * sinkhorn_reference(g, iterations), rtol=0, atol=1e-7)
+        assert_close(d, -0.01 * sinkhorn_reference(g, iterations), rtol=0, atol=1e-7)
         col = (d / -0.01).norm(dim=0)
-        torch.testing.assert_close(col, torch.full_like(col, math.sqrt(m)), rtol=1e-5, atol=0)
+        assert_close(col, torch.full_like(col, math.sqrt(m)), rtol=1e-5, atol=0)
     assert optimzoo.state_bytes(opt) == 0
 
 
@@ -184,7 +191,9 @@ def test_sinkgd_is_memoryless_and_handles_zeros():
     for k in range(2):
         params[0].grad = g
         opt.step()
-    torch.testing.assert_close(params[0].detach().double(), -2 * sinkhorn_reference(g, 5), rtol=0, atol=1e-6)
+    expected = -2 * sinkhorn_reference(g, 5)
+    # float32 Sinkhorn: a few ulps per normalization, 5 iterations x 2 steps
+    assert_close(params[0].detach().double(), expected, rtol=0, atol=drift_bound(expected.float(), 2 * 5))
     assert torch.equal(params[0].detach()[:, 3], torch.zeros(12))
     assert all(not st for st in opt.state.values())
 

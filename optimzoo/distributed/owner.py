@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..optim._matrix import matrix_shape, shape_buckets
+from ..ops.matrix import matrix_shape, shape_buckets
 
 __all__ = ["row_state_like", "shard_rows", "transform_sharded"]
 

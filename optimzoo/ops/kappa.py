@@ -25,10 +25,15 @@ name               ``K(x)``                                ``kappa(x) = grad K(x
 
 Norms are over the *whole* tensor (one parameter tensor is one ``x``). All whole-tensor reductions
 go through :func:`tensor_sum` and :func:`tensor_abs_max`, which are exact on row-sharded (FSDP2)
-``DTensor`` s too (local reduction plus an all-reduce, :mod:`optimzoo.distributed.reduce`); every map
+``DTensor`` s too (local reduction plus an all-reduce, :mod:`optimzoo.ops.reduce`); every map
 but ``nuclear`` (which needs the whole matrix) therefore runs on shards as they are.
 
-Zero inputs map to zero (``0/0 -> 0``, never NaN). Scalars ``p`` and ``a`` may be Python floats or 0-d
+Zero inputs map to zero (``0/0 -> 0``, never NaN). Non-finite inputs are never masked: an element
+that is NaN or infinite gives NaN (``sign``, ``huber``, ``tanh``, ``relativistic``: that element; the
+norms ``l2``, ``lp`` and ``nuclear``: the whole tensor, or matrix of a stack), where ``torch.sign``,
+``clamp`` and ``tanh`` alone would give 0 or +-1 and an optimizer would go on stepping silently.
+The element-wise maps add ``0 * x`` for this (``+-0`` for a finite ``x``, NaN otherwise): the finite
+results are bitwise those of the plain formulas. Scalars ``p`` and ``a`` may be Python floats or 0-d
 tensors (the fused optimizer kernel passes tensors, so one compiled kernel serves every value). The
 functions keep the input's dtype; the optimizer calls them on float32 values.
 """
@@ -39,7 +44,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..distributed.reduce import global_amax, global_sum
+from .reduce import global_amax, global_sum
 from .orthogonalize import newton_schulz
 
 __all__ = [
@@ -108,9 +113,16 @@ def _scaled(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def _keep_nonfinite_(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y + 0 * x`` in place: ``y`` where ``x`` is finite (adding ``+-0`` changes no finite value), NaN
+    where ``x`` is NaN or infinite. One fused pass; Inductor keeps it (``0 * x`` is not folded)."""
+    return y.add_(x, alpha=0.0)
+
+
 def kappa_sign(x: torch.Tensor) -> torch.Tensor:
-    """``grad ||x||_1 = sign(x)`` (``sign(0) = 0``, as ``torch.sign``): Lion."""
-    return torch.sign(x)
+    """``grad ||x||_1 = sign(x)`` (``sign(0) = 0``, as ``torch.sign``): Lion. NaN where ``x`` is NaN or
+    infinite (``torch.sign`` alone maps NaN to 0, which would freeze the weight silently)."""
+    return _keep_nonfinite_(torch.sign(x), x)
 
 
 def kappa_l2(x: torch.Tensor) -> torch.Tensor:
@@ -136,12 +148,12 @@ def kappa_lp(x: torch.Tensor, p: Scalar) -> torch.Tensor:
 
 def kappa_huber(x: torch.Tensor, a: Scalar) -> torch.Tensor:
     """``grad sum Huber_a(x_i) = clip(x, -a, a) / a`` (a "soft sign": linear inside ``[-a, a]``), ``a > 0``."""
-    return torch.clamp(x, -a, a) / a
+    return _keep_nonfinite_(torch.clamp(x, -a, a) / a, x)
 
 
 def kappa_tanh(x: torch.Tensor, a: Scalar) -> torch.Tensor:
     """``grad sum (1/a) log cosh(a x_i) = tanh(a x)`` (the paper's "entropy" K), ``a > 0``."""
-    return torch.tanh(x * a)
+    return _keep_nonfinite_(torch.tanh(x * a), x)
 
 
 def kappa_relativistic(x: torch.Tensor, a: Scalar) -> torch.Tensor:
@@ -257,12 +269,14 @@ def kappa_grad_foreach(
     """
     xs = list(xs)
     if name == "sign":
-        torch._foreach_sign_(xs)
-        return xs
+        out = list(torch._foreach_sign(xs))
+        torch._foreach_add_(out, xs, alpha=0.0)  # NaN where x is not finite, as kappa_sign
+        return out
     if name == "tanh":
-        xs = list(torch._foreach_mul(xs, a))
-        torch._foreach_tanh_(xs)
-        return xs
+        out = list(torch._foreach_mul(xs, a))
+        torch._foreach_tanh_(out)
+        torch._foreach_add_(out, xs, alpha=0.0)
+        return out
     if name == "nuclear":
         out: list[torch.Tensor | None] = [None] * len(xs)
         by_shape: dict[tuple[int, ...], list[int]] = {}

@@ -9,6 +9,7 @@ file and that we keep once:
 * the choice between the single-tensor, multi-tensor (``torch._foreach_*``) and fused
   (``torch.compile``-generated) paths;
 * accounting of optimizer-state bytes and an optional ``metrics()`` hook for loggers.
+* checkpoints that refuse another optimizer's state (:mod:`optimzoo.optim._checkpoint`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 from torch.fx.experimental import _config as shape_config
 from torch.optim import Optimizer
+
+from ._checkpoint import CheckpointMixin
 
 __all__ = [
     "ZooOptimizer",
@@ -246,16 +249,19 @@ def fused_kernel(fn: Callable) -> Callable:
 # Base class
 # --------------------------------------------------------------------------------------------
 
-
-class ZooOptimizer(Optimizer):
+class ZooOptimizer(CheckpointMixin, Optimizer):
     """Base class of optimzoo optimizers: a ``torch.optim.Optimizer`` plus shared bookkeeping.
 
     Subclasses implement ``step``; they create state lazily on the first step (never in
     ``__init__``), so an optimizer can be built before its parameters are sharded or moved.
+    ``state_dict()`` records the optimizer's registry name and ``load_state_dict`` refuses another
+    optimizer's state and matches state to parameters by name (:mod:`optimzoo.optim._checkpoint`).
     """
 
     #: whether sparse gradients are supported (none of the zoo's algorithms is)
     supports_sparse: bool = False
+
+    # ------------------------------------------------------------------ steps
 
     def _param_name(self, group: dict, index: int) -> str:
         names = group.get("param_names")
@@ -280,7 +286,33 @@ class ZooOptimizer(Optimizer):
                     f"(parameter {self._param_name(group, i)}); optimize torch.view_as_real(p) instead"
                 )
             out.append((p, g))
+        self._count_nonfinite([g for _, g in out])
         return out
+
+    @torch.compiler.disable  # dynamo drops attribute writes on the optimizer made inside a compiled step
+    def _count_nonfinite(self, grads: list[torch.Tensor]) -> None:
+        """Add the number of non-finite (NaN/Inf) entries of ``grads`` to a running device counter,
+        reported by :meth:`metrics` as ``nonfinite_grads``.
+
+        One fused read pass (``torch._foreach_norm``) finds the tensors with a non-finite entry (a
+        non-finite 2-norm; a finite tensor whose norm overflows float32, entries beyond ~1e19, counts
+        too); their entries are counted exactly. On CPU reading the norms is no synchronization, so only
+        flagged tensors are counted; on accelerators every tensor is counted on the device, without a
+        host sync. Under ``torch.compile(opt.step)`` this runs eagerly (a graph break). DTensor gradients count their local shard (a per-rank figure).
+        """
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        if not local:
+            return
+        if all(g.device.type == "cpu" for g in local):
+            norms = torch._foreach_norm(local)
+            flagged = [g for g, n in zip(local, norms) if not math.isfinite(n)]
+            if not flagged:
+                return
+            count = sum(torch.count_nonzero(~torch.isfinite(g)) for g in flagged)
+        else:
+            count = sum(torch.count_nonzero(~torch.isfinite(g)).to(local[0].device) for g in local)
+        total = self.__dict__.get("_nonfinite")
+        self._nonfinite = count if total is None else total + count.to(total.device)
 
     @staticmethod
     def _step_counter(state: dict) -> torch.Tensor:
@@ -348,11 +380,14 @@ class ZooOptimizer(Optimizer):
         return tuple(t.unbind())
 
     def metrics(self) -> dict[str, float]:
-        """Algorithm-specific counters for loggers (e.g. clipped fraction); empty by default.
+        """Counters for loggers since the last call (then reset): ``nonfinite_grads``, the number of NaN/Inf
+        gradient entries the optimizer was given (see :meth:`_count_nonfinite`), for every optimizer;
+        subclasses add their own (e.g. clipped fraction) to this dict.
 
         Implementations must be cheap: they read counters accumulated during ``step`` and reset them.
         """
-        return {}
+        total = self.__dict__.pop("_nonfinite", None)
+        return {"nonfinite_grads": 0.0 if total is None else float(total)}
 
 
 def state_bytes(optimizer: Optimizer) -> int:

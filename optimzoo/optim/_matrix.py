@@ -16,11 +16,17 @@ One ``torch.optim.Optimizer`` holds two kinds of parameter group, told apart by 
 
 * ``role="vector"``: embeddings, the LM head, norm gains, biases. They get an AdamW step
   (torch.optim's own kernel) with their own ``lr`` (default ``adamw_lr``), ``adamw_betas``,
-  ``adamw_eps`` and ``weight_decay`` (default ``adamw_weight_decay``).
+  ``adamw_eps`` and ``weight_decay`` (default ``adamw_weight_decay``, which defaults to the
+  optimizer's ``weight_decay``: the same decay reaches every decayed group, as with AdamW; groups routed
+  as no-decay keep 0).
 
 ``optimzoo.create_optimizer(model, name)`` routes parameters into such groups. Groups passed by hand
-without a ``role`` are split by dimension (``ndim >= 2`` -> matrix, else vector); embeddings and
-heads are 2-D, so route them explicitly (``role="vector"``) or use ``create_optimizer``.
+without a ``role`` are routed by their names when they hold ``(name, tensor)`` pairs
+(``model.named_parameters()``: :func:`optimzoo.plan_parameters` on the names), and by dimension
+(``ndim >= 2`` -> matrix, else vector) when they hold bare tensors (``model.parameters()``). Bare
+tensors cannot tell an embedding or an LM head from a hidden weight, so that case warns once
+(``UserWarning``, naming the count of 2-D tensors that take the matrix update) and the optimizer's
+``routing_plan`` says the same. Either way ``routing_plan`` lists where each tensor went.
 
 LR schedulers scale both kinds of group (each group's ``lr`` is scheduled). No state is created
 before the first step, so the optimizer can be built before the model is sharded.
@@ -28,50 +34,24 @@ before the first step, so the optimizer can be built before the model is sharded
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+import os
+import sys
+import warnings
 
 import torch
 from torch.optim.adamw import adamw as _adamw_kernel
 
+from ..ops.matrix import matrix_shape, shape_buckets
+from ..ops.orthogonalize import NS_DTYPES
+from ..param_groups import RoutingPlan, plan_parameters, unnamed_plan, unnamed_warning
 from ._base import ZooOptimizer, check_betas, check_choice, check_lr, check_range
 
-__all__ = ["MatrixOptimizer", "adjusted_lr_scale", "matrix_shape", "ns_compute_dtype"]
+__all__ = ["MatrixOptimizer", "adjusted_lr_scale"]
 
 ROLES = ("matrix", "vector")
 ADJUST_LR = ("keller", "match_adamw", None)
-NS_DTYPES = ("auto", "bfloat16", "float32")
-
-
-def ns_compute_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """The compute dtype of Newton-Schulz-type iterations for a ``ns_dtype`` choice.
-
-    ``"auto"`` is bf16 on accelerators (as Muon: the iteration is robust to bf16 and tensor cores make
-    it fast) and float32 on CPUs, where bf16 matmuls are emulated unless the CPU has native bf16
-    (AVX512-BF16/AMX): on the 2-core AVX2 machine this project is tested on, a 512x1376 @ 1376x512
-    matmul takes 846 ms in bf16 and 7.6 ms in float32.
-    """
-    if choice == "auto":
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[choice]
-
-
-def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
-    """The ``(rows, cols)`` a weight is treated as: ``(size(0), numel / size(0))``."""
-    rows = shape[0]
-    cols = 1
-    for s in shape[1:]:
-        cols *= s
-    return rows, cols
-
-
-def shape_buckets(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
-    """Indices of the matrices that can be stacked and transformed together, keyed by
-    ``(global shape, update dtype, update device)`` in first-seen order (the same on every rank)."""
-    buckets: dict[tuple, list[int]] = {}
-    for i, (p, u) in enumerate(zip(params, updates)):
-        buckets.setdefault((tuple(p.shape), u.dtype, u.device), []).append(i)
-    return buckets
 
 
 def adjusted_lr_scale(adjust_lr: str | None, rows: int, cols: int) -> float:
@@ -97,13 +77,17 @@ class MatrixOptimizer(ZooOptimizer):
         adamw_lr: learning rate of vector groups (default 3e-4, KellerJordan/Muon's recommendation).
         adamw_betas: AdamW ``(beta1, beta2)`` for vector groups (default (0.9, 0.95)).
         adamw_eps: AdamW epsilon for vector groups (default 1e-10, as Muon's auxiliary Adam).
-        adamw_weight_decay: decoupled weight decay of vector groups (default 0).
+        adamw_weight_decay: decoupled weight decay of vector groups (default None: the optimizer's
+            ``weight_decay``, so a comparison with AdamW at the same arguments decays the same
+            tensors; pass 0.0 to keep embeddings and the head undecayed, as Muon's examples do).
         foreach: use ``torch._foreach_*`` for the element-wise stages (None: when all tensors are
             plain tensors).
     """
 
     #: names of per-row state tensors (shape ``(rows, k)``) that ``_transform`` reads and updates
     row_state: tuple[str, ...] = ()
+    #: where the tensors of groups given without a ``role`` went (``create_optimizer`` sets the model's plan)
+    routing_plan: RoutingPlan | None = None
 
     def __init__(
         self,
@@ -113,7 +97,7 @@ class MatrixOptimizer(ZooOptimizer):
         adamw_lr: float,
         adamw_betas: tuple[float, float],
         adamw_eps: float,
-        adamw_weight_decay: float,
+        adamw_weight_decay: float | None,
         foreach: bool | None,
     ):
         check_lr(defaults["lr"])
@@ -121,6 +105,8 @@ class MatrixOptimizer(ZooOptimizer):
         check_lr(adamw_lr, "adamw_lr")
         check_betas(adamw_betas, "adamw_betas")
         check_range("adamw_eps", adamw_eps, 0.0, low_open=True)
+        if adamw_weight_decay is None:
+            adamw_weight_decay = defaults["weight_decay"]
         check_range("adamw_weight_decay", adamw_weight_decay, 0.0)
         if "adjust_lr" in defaults:
             check_choice("adjust_lr", defaults["adjust_lr"], ADJUST_LR)
@@ -128,19 +114,34 @@ class MatrixOptimizer(ZooOptimizer):
             check_choice("ns_dtype", defaults["ns_dtype"], NS_DTYPES)
         self._vector_defaults = {"lr": adamw_lr, "weight_decay": adamw_weight_decay}
         defaults = {**defaults, "adamw_betas": tuple(adamw_betas), "adamw_eps": adamw_eps, "foreach": foreach}
+        self._defer_warning = True  # groups of the constructor warn once, together
         super().__init__(params, defaults)
+        self._defer_warning = False
+        self._warn_unrouted()
 
     # ------------------------------------------------------------------ groups
 
     def add_param_group(self, param_group: dict) -> None:
-        """Add a group with ``role`` ``"matrix"`` or ``"vector"``; without a role it is split by ndim."""
+        """Add a group with ``role`` ``"matrix"`` or ``"vector"``. Without a role the group is split:
+        ``(name, tensor)`` pairs by :func:`optimzoo.plan_parameters` on their names, bare tensors by
+        dimension, with a warning (see the module docstring)."""
         role = param_group.get("role")
         if role is None:
             params = param_group["params"]
             params = [params] if isinstance(params, torch.Tensor) else list(params)
-            tensor = lambda x: x[1] if isinstance(x, tuple) else x  # noqa: E731
+            named = all(isinstance(x, tuple) for x in params)
+            tensors = [x[1] if isinstance(x, tuple) else x for x in params]
+            if named:  # roles from the names; weight decay stays the group's, as torch.optim does
+                plan = plan_parameters(params, include_frozen=True)
+                plan = RoutingPlan([dataclasses.replace(i, decay=True, decay_reason="the group's weight_decay")
+                                    for i in plan.infos], plan.params, "matrix")
+            else:
+                done = self.routing_plan.infos if self.routing_plan is not None else []
+                plan = unnamed_plan(tensors, first_index=len(done))
+            self._record_routing(plan)
+            roles = {id(p): info.role for info, p in zip(plan.infos, plan.params)}
             for r in ROLES:
-                members = [x for x in params if (tensor(x).dim() >= 2) == (r == "matrix")]
+                members = [x for x, t in zip(params, tensors) if roles[id(t)] == r]
                 if members:
                     self.add_param_group({**param_group, "params": members, "role": r})
             return
@@ -152,6 +153,25 @@ class MatrixOptimizer(ZooOptimizer):
             if k in param_group:
                 check_lr(param_group[k], k)
         super().add_param_group(param_group)
+
+    def _record_routing(self, plan: RoutingPlan) -> None:
+        """Add ``plan`` (groups routed without a given role) to ``routing_plan``; warn unless deferred."""
+        before = self.routing_plan
+        infos = (before.infos if before is not None else []) + plan.infos
+        params = (before.params if before is not None else []) + plan.params
+        self.routing_plan = RoutingPlan(infos, params, "matrix", unnamed_warning(infos))
+        if plan.warning and not self._defer_warning:
+            self._warn_unrouted()
+
+    def _warn_unrouted(self) -> None:
+        plan = self.routing_plan
+        if plan is not None and plan.warning:
+            # point at the user's line: the first frame outside optimzoo and torch.optim
+            inside = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.optim.__file__))
+            frame, level = sys._getframe(0), 1
+            while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+                frame, level = frame.f_back, level + 1
+            warnings.warn(f"{type(self).__name__}: {plan.warning}", UserWarning, stacklevel=level)
 
     # ------------------------------------------------------------------ step
 
@@ -178,11 +198,22 @@ class MatrixOptimizer(ZooOptimizer):
             grads.append(g)
             exp_avgs.append(m)
             exp_avg_sqs.append(v)
-            steps.append(self._step_counter(state))
+            step = self._step_counter(state)
+            if torch.compiler.is_compiling() and step.device != p.device:
+                # the capturable kernel computes on the counters: keep them on the parameter's device,
+                # as torch.optim's compiled step does (dynamo's OptimizerVariable.move_step_if_cpu)
+                step = state["step"] = step.to(p.device)
+            steps.append(step)
         beta1, beta2 = group["adamw_betas"]
+        # Under torch.compile, torch.optim.AdamW's step runs with ``capturable=True`` (dynamo sets it in
+        # the traced param groups, note [torch.compile x capturable]): the bias corrections are then
+        # tensor ops on the step counters. The non-capturable foreach kernel would stack them into a
+        # tensor of step sizes, which its ``_foreach_addcdiv_`` refuses while tracing ("Expected scalars
+        # to be on CPU, got meta"). Eager keeps the non-capturable kernel (Python-float bias corrections).
         _adamw_kernel(
             params, grads, exp_avgs, exp_avg_sqs, [], steps,
             foreach=self._use_foreach(group["foreach"], params), amsgrad=False,
+            capturable=torch.compiler.is_compiling(),
             beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
             eps=group["adamw_eps"], maximize=False,
         )

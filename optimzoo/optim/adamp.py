@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch.optim import Optimizer
 
-from ..distributed.reduce import global_amax, global_sum
+from ..ops.reduce import global_amax, global_sum
 from . import _base
 from ._base import (
     ZooOptimizer,
@@ -249,6 +249,7 @@ def _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, bc2_sqrts, step_si
     over row blocks, in the official order (``u - w scale`` first, then ``W (1 - lr wd r) - step u``)."""
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs], with_indices=True)
     for (device, _), ((ps, gs, ms, vs), idx) in grouped.items():
+        device = ps[0].device if device is None else device  # (None, None) under torch.compile
         steps = [step_sizes[i] for i in idx]
         foreach_adam_moments_(ms, vs, gs, beta1, beta2)
         denom = torch._foreach_sqrt(vs)
@@ -348,6 +349,7 @@ def _multi_tensor_sgdp(params, grads, bufs, *, lr, momentum, dampening, wd_scale
     """SGDP with ``torch._foreach_*`` ops; the projection's statistics per tensor over row blocks."""
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, bufs])
     for (device, _), ((ps, gs, bs), _) in grouped.items():
+        device = ps[0].device if device is None else device  # (None, None) under torch.compile
         torch._foreach_mul_(bs, momentum)
         torch._foreach_add_(bs, gs, alpha=1 - dampening)
         updates = list(torch._foreach_add(gs, bs, alpha=momentum)) if nesterov else bs

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from ..ops.normalize import cosh_rms_brake, frobenius_normalize
-from ..ops.orthogonalize import newton_schulz
+from ..ops.orthogonalize import newton_schulz, ns_compute_dtype
 from ._base import check_choice, check_int, check_range
-from ._matrix import MatrixOptimizer, adjusted_lr_scale, ns_compute_dtype
+from ._matrix import MatrixOptimizer, adjusted_lr_scale
 from .muon import nesterov_momentum
 
 __all__ = ["AuON", "HybridAuON"]
@@ -76,7 +76,7 @@ class AuON(MatrixOptimizer):
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
-        adamw_weight_decay: float = 0.0,
+        adamw_weight_decay: float | None = None,
         foreach: bool | None = None,
     ):
         super().__init__(params, self._defaults(lr, momentum, weight_decay, nesterov, variant, gamma),
@@ -151,7 +151,7 @@ class HybridAuON(AuON):
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
-        adamw_weight_decay: float = 0.0,
+        adamw_weight_decay: float | None = None,
         foreach: bool | None = None,
     ):
         check_int("ns_steps", ns_steps, 1)

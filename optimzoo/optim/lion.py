@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from ..distributed.reduce import is_sharded
 from ..ops.kappa import KAPPAS, kappa_grad, kappa_grad_foreach
+from ..ops.orthogonalize import ns_compute_dtype
+from ..ops.reduce import is_sharded
 from ._base import (
     ZooOptimizer,
     check_betas,
@@ -35,7 +36,6 @@ from ._base import (
     foreach_chunks,
     fused_kernel,
 )
-from ._matrix import ns_compute_dtype
 
 __all__ = ["Lion", "LionK", "lion"]
 
@@ -147,6 +147,9 @@ def _multi_tensor_lion(
     (:func:`~optimzoo.optim._base.foreach_chunks`)."""
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs])
     for (device, _), (tensors, _) in grouped.items():
+        # under torch.compile the grouping is left to Inductor and the key is (None, None): take the
+        # device from the tensors, as torch.optim's foreach kernels do
+        device = tensors[0][0].device if device is None else device
         chunks = foreach_chunks(tensors) if kappa in ("sign", "tanh") else [(tensors, None)]
         for (dev_params, dev_grads, dev_avgs), _ in chunks:
             _foreach_lion_(dev_params, dev_grads, dev_avgs, device, lr=lr, beta1=beta1, beta2=beta2,
@@ -165,7 +168,16 @@ def _foreach_lion_(dev_params, dev_grads, dev_avgs, device, *, lr, beta1, beta2,
     torch._foreach_add_(c, g, alpha=1.0 - beta1)
     # p and a as the single-tensor path gets them (float32 0-d tensors), so the maps agree bitwise
     p_t, a_t = ZooOptimizer._scalars(device, p, a) if kappa in ("lp", "huber", "tanh", "relativistic") else (p, a)
-    update = kappa_grad_foreach(kappa, c, p=p_t, a=a_t, ns_steps=ns_steps, ns_dtype=ns_compute_dtype("auto", device))
+    if kappa == "sign":
+        # kappa_sign(c) is sign(c) + 0 c (NaN where c is not finite). Here the 0 c goes into the weight
+        # first (w + 0 c = w for a finite c; NaN otherwise), so the sign can overwrite c in place: one
+        # in-place pass instead of kappa_grad_foreach's out-of-place sign and add, same numbers.
+        torch._foreach_add_(w, c, alpha=0.0)
+        torch._foreach_sign_(c)
+        update = c
+    else:
+        update = kappa_grad_foreach(kappa, c, p=p_t, a=a_t, ns_steps=ns_steps,
+                                    ns_dtype=ns_compute_dtype("auto", device))
     if decay != 1.0:
         torch._foreach_mul_(w, decay)
     torch._foreach_add_(w, update, alpha=-lr)
@@ -252,7 +264,10 @@ class Lion(ZooOptimizer):
         W &\leftarrow W - \eta\, \mathrm{sign}(c) \\
         m &\leftarrow \beta_2 m + (1-\beta_2) g
 
-    (``sign(0) = 0``.) Every update element is ``+-lr`` (or 0), so Lion wants a learning rate 3-10x
+    (``sign(0) = 0``.) Non-finite gradients propagate into the weights, they are never masked: where
+    ``c`` is NaN or infinite the update, and so the weight, is NaN (``torch.sign`` alone gives 0 for NaN,
+    which would leave that weight frozen forever without a sign of trouble); finite values are
+    unchanged, bit for bit. Every update element is ``+-lr`` (or 0), so Lion wants a learning rate 3-10x
     smaller than AdamW's and a weight decay 3-10x larger (same effective ``lr * wd``); the official
     README's examples: ``lr=1e-4, wd=10`` (ViT), ``lr=3e-5, wd=0.1`` (diffusion), ``lr=1e-4, wd=0.01``
     (7.5B LM), and ``betas=(0.95, 0.98)`` for stability.
@@ -277,6 +292,7 @@ class Lion(ZooOptimizer):
     (the reference rounds after the decay and again after the step). Differences from other code:
     lucidrains/lion-pytorch's ``decoupled_weight_decay=True`` divides ``wd`` by the *initial* lr
     (``W <- W (1 - lr wd / lr_0)``); like google/automl (and lion-pytorch's default) we do not.
+    For a non-finite ``c`` both of them step by ``sign(c)`` (0 for NaN); we write NaN (above).
     ``p.grad`` is never modified.
     """
 
@@ -377,7 +393,10 @@ class LionK(Lion):
               bf16 on accelerators and float32 on CPU as Muon's ``ns_dtype="auto"``. **1-D tensors
               use** ``sign`` (plain Lion for gains and biases).
 
-            Zero momentum gives a zero update (no NaN).
+            Zero momentum gives a zero update (no NaN). Non-finite gradients propagate into the
+            weights, they are never masked: a NaN or infinite ``c`` element gives a NaN update for
+            that element (``sign``, ``huber``, ``tanh``, ``relativistic``) or for the whole tensor
+            (``l2``, ``lp``, ``nuclear``), never a silent 0 or +-1.
         p: the ``p`` of ``"lp"``, in [1, inf) (default 1.5; ``p = 1`` is Lion, ``p = 2`` is ``"l2"``;
             the paper's experiments use ``p`` in [1, 2]).
         a: the scale ``a > 0`` of ``"huber"``, ``"tanh"`` and ``"relativistic"`` (default 1.0); those

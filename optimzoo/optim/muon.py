@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from ..ops.orthogonalize import newton_schulz
+from ..ops.orthogonalize import newton_schulz, ns_compute_dtype
 from ._base import check_int, check_range
-from ._matrix import MatrixOptimizer, ns_compute_dtype
+from ._matrix import MatrixOptimizer
 
 __all__ = ["Muon", "NorMuon", "nesterov_momentum", "normuon_normalize"]
 
@@ -86,7 +86,7 @@ class Muon(MatrixOptimizer):
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
-        adamw_weight_decay: float = 0.0,
+        adamw_weight_decay: float | None = None,
         foreach: bool | None = None,
     ):
         check_range("momentum", momentum, 0.0, 1.0, high_open=True)
@@ -214,7 +214,7 @@ class NorMuon(Muon):
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
-        adamw_weight_decay: float = 0.0,
+        adamw_weight_decay: float | None = None,
         foreach: bool | None = None,
     ):
         check_range("momentum", momentum, 0.0, 1.0, high_open=True)
@@ -243,7 +243,13 @@ class NorMuon(Muon):
         V = [self.state[p]["second_momentum_buffer"] for p, _ in pairs]
         if any(hasattr(v, "device_mesh") for v in V):
             return  # sharded row state: the statistic would be shard-local; not reported
-        eps = group["eps"]
+        self._record_row_spread(V, group["eps"])
+
+    # Host-side bookkeeping, run eagerly under torch.compile (one graph break): dynamo (torch 2.13)
+    # silently drops attribute writes on optimizer objects made in a compiled frame, so a traced
+    # accumulation would lose the counts (and it cannot trace _foreach_max either).
+    @torch.compiler.disable
+    def _record_row_spread(self, V: list[torch.Tensor], eps: float) -> None:
         acc = self.__dict__.setdefault("_row_spread", {"sum": {}, "count": 0})
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for v in V:
@@ -257,7 +263,8 @@ class NorMuon(Muon):
 
     def metrics(self) -> dict[str, float]:
         """``row_scale_spread`` averaged over the matrices updated since the last call (then reset)."""
+        out = super().metrics()
         acc = self.__dict__.pop("_row_spread", None)
-        if not acc or not acc["count"]:
-            return {}
-        return {"row_scale_spread": sum(float(t) for t in acc["sum"].values()) / acc["count"]}
+        if acc and acc["count"]:
+            out["row_scale_spread"] = sum(float(t) for t in acc["sum"].values()) / acc["count"]
+        return out

@@ -58,7 +58,7 @@ class SinkGD(MatrixOptimizer):
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
-        adamw_weight_decay: float = 0.0,
+        adamw_weight_decay: float | None = None,
         foreach: bool | None = None,
     ):
         check_int("iterations", iterations, 1)

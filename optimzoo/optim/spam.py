@@ -181,7 +181,7 @@ class _SpikeAware(ZooOptimizer):
         """Spike counters since the last call (then reset): ``clip_fraction`` (clipped gradient entries /
         entries seen), ``resets`` (momentum resets), and for Stable-SPAM ``adagn_scale`` (mean AdaGN norm
         ``c``, about 1 when gradient norms are steady, below 1 after spikes)."""
-        out: dict[str, float] = {}
+        out = super().metrics()
         if self._entries:
             clipped = 0.0 if self._clipped is None else float(self._clipped)
             out["clip_fraction"] = clipped / self._entries
@@ -196,6 +196,9 @@ class _SpikeAware(ZooOptimizer):
         s = torch.stack([v.to(values[0].device) for v in values]).sum()
         return s if total is None else total + s.to(total.device)
 
+    # The counters are host-side bookkeeping, run eagerly under torch.compile (a graph break): dynamo
+    # (torch 2.13) silently drops attribute writes on optimizer objects made in a compiled frame.
+    @torch.compiler.disable
     def _count(self, entries: int, clipped: list[torch.Tensor] = (), scales: list[torch.Tensor] = ()) -> None:
         """Add one step's counts: ``entries`` gradient entries seen, per-tensor clip counts and AdaGN scales."""
         self._entries += entries
@@ -204,6 +207,11 @@ class _SpikeAware(ZooOptimizer):
         if scales:
             self._scale_sum = self._accumulate(self._scale_sum, scales)
             self._scale_count += len(scales)
+
+    @torch.compiler.disable
+    def _count_reset(self, reset: bool) -> None:
+        """Add one step's momentum reset (if any) to ``resets`` (eager, as :meth:`_count`)."""
+        self._resets += int(reset)
 
 
 class SPAM(_SpikeAware):
@@ -284,7 +292,7 @@ class SPAM(_SpikeAware):
             group["spam_current_step"] += 1
             if delta_t > 0 and (k + 1) % delta_t == 0:
                 group["spam_current_step"] = 0
-        self._resets += int(reset_now)
+        self._count_reset(reset_now)
         return loss
 
     def _update(self, group, pairs, reset: bool, clip: bool, scale: float) -> None:
@@ -412,7 +420,7 @@ class StableSPAM(_SpikeAware):
             pairs = self._grads(group)
             if pairs:
                 self._update(group, pairs, reset, self.scale(total, group["total_T"], group["eta_min"]))
-        self._resets += int(reset_now)
+        self._count_reset(reset_now)
         return loss
 
     def _update(self, group, pairs, reset: bool, scale: float) -> None:
