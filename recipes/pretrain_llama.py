@@ -17,11 +17,17 @@ on the real ``transformers.Trainer``.
 Every ``TrainingArguments`` flag works (``HfArgumentParser``); the defaults differ where the harness says
 so: ``cosine_with_min_lr`` to 10% of the peak with 10% warmup, seed 0, wandb reporting, non-padding token
 counting. ``--optim`` takes every name of ``python -m optimzoo`` and every transformers name;
-``--optim_args "k=v,..."`` passes hyperparameters. Runs are named ``{model}-{optim}-lr{lr}-s{seed}``,
+``--optim_args "k=v,..."`` passes hyperparameters. Without ``--learning_rate`` a zoo optimizer runs at its own
+registry default (NorMuon 0.02, AdamW 1e-3), a transformers optimizer at 1e-3; the run line and the run
+config (``lr_source``) say where each lr came from. Runs are named ``{model}-{optim}-lr{lr}-s{seed}``,
 written to ``runs/<name>/`` (checkpoints, ``trainer_state.json``, ``optimizer_config.json``, the wandb run,
 ``run_summary.json``), logged to the wandb project ``$WANDB_PROJECT`` (default ``optimzoo``), in the group
 ``--wandb_group``; without a wandb login the run is logged offline. ``--resume_from_checkpoint last``
-continues the latest checkpoint of the run directory.
+continues the latest checkpoint of the run directory; without one it refuses (``--allow_no_checkpoint``
+trains from scratch instead), and a checkpoint that already reached ``--max_steps`` is not trained further.
+
+A bad optimizer name, ``--optim_args`` value or config file is an argparse error (exit status 2, two lines on
+stderr) before anything is loaded or written.
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import netrc
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -45,8 +53,10 @@ from transformers import (
     LlamaForCausalLM,
     default_data_collator,
 )
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from optimzoo.cli import brief_usage, fail, user_errors
 from optimzoo.hf import PretrainTrainer, ZooTrainingArguments
 from optimzoo.hf.data import byte_tokenizer, embedded_corpus, holdout_split, tokenize_dataset
 
@@ -95,7 +105,12 @@ class RecipeTrainingArguments(ZooTrainingArguments):
 
     output_dir: str | None = field(default=None, metadata={"help": "Default: runs/<run_name>."})
     wandb_group: str | None = field(default=None, metadata={"help": "wandb group (one per experiment)."})
-    learning_rate: float = 1e-3
+    allow_no_checkpoint: bool = field(default=False, metadata={
+        "help": "With --resume_from_checkpoint last: train from scratch (and say so) when the run directory "
+                "has no checkpoint, instead of refusing."})
+    # learning_rate: unset means the optimizer's registry default (ZooTrainingArguments); for transformers'
+    # optimizer names, GaLore's 1e-3 instead of transformers' 5e-5
+    transformers_default_lr: ClassVar[tuple[float, str]] = (1e-3, "recipe default")
     max_steps: int = 200
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
@@ -211,7 +226,9 @@ def wandb_offline_unless_logged_in() -> None:
         logged_in = False
     if not logged_in:
         os.environ["WANDB_MODE"] = "offline"
-        print("optimzoo: no wandb login found, logging offline (wandb sync <run dir> uploads it later)", flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # once per job, not once per rank
+            print("optimzoo: no wandb login found, logging offline (wandb sync <run dir> uploads it later)",
+                  flush=True)
 
 
 def build_model(config: LlamaConfig, margs: ModelArguments, targs: RecipeTrainingArguments) -> LlamaForCausalLM:
@@ -238,16 +255,112 @@ def build_model(config: LlamaConfig, margs: ModelArguments, targs: RecipeTrainin
     return model
 
 
+USAGE = "%(prog)s [-h] [--optim NAME] [--optim_args K=V,...] [--learning_rate LR] [TrainingArguments flags]"
+
+
+def _readable(logs: dict) -> str:
+    """A log record as JSON with numbers as numbers (4 significant digits), not transformers' quoted strings."""
+    out = {k: (float(f"{v:.4g}") if isinstance(v, float) and math.isfinite(v) else v) for k, v in logs.items()
+           if k != "total_flos"}
+    return json.dumps(out, default=str)
+
+
+class ReadablePrinter(PrinterCallback):
+    """transformers' ``PrinterCallback`` (used with ``--disable_tqdm``), printing numbers unquoted."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero and logs is not None:
+            print(_readable(logs), flush=True)
+
+
+class ReadableProgress(ProgressCallback):
+    """transformers' ``ProgressCallback`` (the tqdm bar), writing log records with numbers unquoted."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs is not None:
+            self.training_bar.write(_readable(logs))
+
+
+def readable_logs(trainer) -> None:
+    """Swap the Trainer's log printer for one that prints numbers as numbers."""
+    for stock, readable in ((PrinterCallback, ReadablePrinter), (ProgressCallback, ReadableProgress)):
+        if trainer.pop_callback(stock) is not None:
+            trainer.add_callback(readable)
+
+
+def resolve_resume(parser, targs: RecipeTrainingArguments) -> str | None:
+    """The checkpoint to resume from: ``last``/``auto`` means the latest ``checkpoint-*`` of the run directory.
+    No checkpoint there is an error unless ``--allow_no_checkpoint`` (then the run starts from scratch and
+    says so); a named checkpoint that does not exist is an error."""
+    resume = targs.resume_from_checkpoint
+    if not resume:
+        return None
+    if resume in ("last", "auto"):
+        found = get_last_checkpoint(targs.output_dir) if Path(targs.output_dir).is_dir() else None
+        if found is None:
+            if not targs.allow_no_checkpoint:
+                fail(parser, f"--resume_from_checkpoint {resume}: no checkpoint-* in {targs.output_dir}; "
+                             "pass --allow_no_checkpoint to train from scratch")
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"optimzoo: no checkpoint in {targs.output_dir}: training from scratch "
+                      "(--allow_no_checkpoint)", flush=True)
+        return found
+    if not (Path(resume) / "trainer_state.json").is_file():
+        fail(parser, f"--resume_from_checkpoint: {resume} is not a checkpoint (no trainer_state.json)")
+    return resume
+
+
+def describe_run(model, margs: ModelArguments, targs: RecipeTrainingArguments, world: int) -> str:
+    """One line: what the run is (processes, parallelism and mesh, dtype, optimizer and its learning rates)."""
+    parts = [f"world size {world}"]
+    backend = f"{dist.get_backend()}, " if dist.is_initialized() else ""
+    parts[0] += f" ({backend}{targs.device.type})"
+    if margs.fsdp2:
+        mesh = next((p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh")), None)
+        dims = "" if mesh is None else " x ".join(
+            f"{n}={s}" for n, s in zip(mesh.mesh_dim_names or [f"dim{i}" for i in range(mesh.ndim)], mesh.shape))
+        parts.append(f"FSDP2 (mesh {dims})" if dims else "FSDP2")
+    elif world > 1:
+        parts.append(f"DDP ({world} replicas)")
+    else:
+        parts.append("one process")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    amp = "bf16 autocast" if targs.bf16 else "fp16 autocast" if targs.fp16 else "no autocast"
+    parts.append(f"{dtype} weights, {amp}")
+    parts.append(f"optimizer {targs.optim}: {targs.zoo_lr_summary()}")
+    return f"optimzoo: run {targs.run_name}: " + ", ".join(parts)
+
+
+def finished_summary(resume: str, targs: RecipeTrainingArguments) -> dict | None:
+    """When the checkpoint already reached ``max_steps``, what to return instead of training: transformers
+    5.24 would train one step past ``max_steps``."""
+    step = json.loads((Path(resume) / "trainer_state.json").read_text()).get("global_step", 0)
+    if targs.max_steps <= 0 or step < targs.max_steps:
+        return None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"optimzoo: {resume} is already at step {step} of --max_steps {targs.max_steps}: nothing to train "
+              "(raise --max_steps to train further)", flush=True)
+    summary_file = Path(targs.output_dir) / "run_summary.json"
+    if summary_file.is_file():
+        return json.loads(summary_file.read_text())
+    return {"run_name": targs.run_name, "steps": step, "resumed_finished_run": True}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeTrainingArguments))
-    margs, dargs, targs = parser.parse_args_into_dataclasses(args=argv)
-    model_name = resolve_config(margs.model_config).stem
+    parser = brief_usage(HfArgumentParser((ModelArguments, DataArguments, RecipeTrainingArguments)), USAGE)
+    with user_errors(parser):  # bad names, values and files: an argparse error (exit 2), nothing loaded or written
+        margs, dargs, targs = parser.parse_args_into_dataclasses(args=argv)
+        model_name = resolve_config(margs.model_config).stem
     if targs.run_name is None or targs.run_name == targs.output_dir:
         targs.run_name = f"{model_name}-{targs.optim}-lr{targs.learning_rate:g}-s{targs.seed}"
     if not targs.output_dir_given:
         targs.output_dir = str(Path("runs") / targs.run_name)
+    resume = resolve_resume(parser, targs)
+    if resume and (done := finished_summary(resume, targs)) is not None:
+        return done
     os.environ.setdefault("WANDB_PROJECT", "optimzoo")
     os.environ.setdefault("WANDB_DIR", targs.output_dir)
+    os.environ.setdefault("WANDB_QUIET", "true")  # no 40-line history/summary footer; WANDB_QUIET=false restores it
     if targs.wandb_group:
         os.environ["WANDB_RUN_GROUP"] = targs.wandb_group
     if "wandb" in (targs.report_to or []):
@@ -264,6 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer = PretrainTrainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
                               processing_class=tokenizer, data_collator=default_data_collator)
+    readable_logs(trainer)
     world = int(os.environ.get("WORLD_SIZE", 1))
     n_params = sum(p.numel() for p in model.parameters())
     trainer.run_config.update({
@@ -272,11 +386,11 @@ def main(argv: list[str] | None = None) -> dict:
         "tokenizer": margs.tokenizer, "max_length": dargs.max_length, "packing": dargs.packing,
         "tokens_per_step": targs.per_device_train_batch_size * targs.gradient_accumulation_steps * world
         * dargs.max_length,
+        "lr_source": targs.zoo_lr_sources(),
     })
+    if trainer.is_world_process_zero():
+        print(describe_run(model, margs, targs, world), flush=True)
 
-    resume = targs.resume_from_checkpoint
-    if resume in ("last", "auto"):
-        resume = get_last_checkpoint(targs.output_dir)
     start = time.time()
     tokens_before = 0
     if resume:
@@ -285,8 +399,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_seconds = time.time() - start
     summary = {
         "run_name": targs.run_name, "model": model_name, "params": n_params, "optim": targs.optim,
-        "optim_args": targs.optim_args, "learning_rate": targs.learning_rate, "seed": targs.seed,
-        "world_size": world, "steps": trainer.state.global_step, "train_loss": result.training_loss,
+        "optim_args": targs.optim_args, "learning_rate": targs.learning_rate, "lr_source": targs.zoo_lr_sources(),
+        "seed": targs.seed, "world_size": world, "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
         "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_per_second": (trainer.state.num_input_tokens_seen - tokens_before) / train_seconds,
@@ -295,12 +410,17 @@ def main(argv: list[str] | None = None) -> dict:
     if val is not None:
         summary.update(trainer.evaluate())
     if trainer.is_world_process_zero():
-        summary["optimizer"] = trainer.run_config.get("optimizer")
+        summary["optimizer"] = trainer.run_config.get("optimizer_config")  # run_config["optimizer"]: the name
         trainer.state.save_to_json(str(Path(targs.output_dir) / "trainer_state.json"))
         (Path(targs.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
         print(f"optimzoo: {targs.run_name}: loss {summary['final_loss']:.4f}"
               + (f", eval loss {summary['eval_loss']:.4f} (ppl {summary['eval_perplexity']:.2f})" if val else "")
               + f", {summary['tokens_per_second']:.0f} tokens/s -> {targs.output_dir}", flush=True)
+        if "wandb" in (targs.report_to or []):
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()  # now, not at interpreter exit, where its footer comes out with raw ANSI codes
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

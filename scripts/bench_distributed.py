@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 import optimzoo
+from optimzoo.cli import brief_usage, fail
 from optimzoo.distributed import shard_rows
 
 LLAMA_60M = dict(hidden=512, intermediate=1376, layers=8)
@@ -195,12 +196,14 @@ def main_rank(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = brief_usage(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--quick", action="store_true", help="small shapes, one repetition")
     parser.add_argument("--reps", type=int, default=3, help="timed steps (median reported)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks to spawn when not under torchrun")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args()
+    if args.nproc < 1 or args.reps < 1:
+        fail(parser, "--nproc and --reps must be at least 1")
     if "RANK" in os.environ:  # under torchrun
         dist.init_process_group("gloo")
         try:

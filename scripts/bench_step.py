@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 import torch
 
 import optimzoo
+from optimzoo.cli import brief_usage, resolve_optimizer, user_errors
 from optimzoo.ops.orthogonalize import newton_schulz
-from optimzoo.optim._matrix import ns_compute_dtype
+from optimzoo.ops.orthogonalize import ns_compute_dtype
 
 # ---------------------------------------------------------------------------------------------
 # parameter sets
@@ -377,7 +378,7 @@ def report(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = brief_usage(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 repetition, no fused paths")
     ap.add_argument("--only", default="", help="comma-separated optimizer names (default: every registered one)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; 1 with --quick)")
@@ -389,6 +390,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the results as JSON here")
     ap.add_argument("--markdown", default=None, help="write the report as markdown here")
     args = ap.parse_args(argv)
+    with user_errors(ap):  # an unknown name is an argparse error (exit 2), before any benchmark runs
+        specs = [resolve_optimizer(n.strip()) for n in args.only.split(",")] if args.only \
+            else list(optimzoo.list_optimizers())
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.set_flush_denormal(True)
@@ -397,7 +401,6 @@ def main(argv=None) -> int:
     cfg = QUICK if args.quick else LLAMA_60M
     named = make_params(llama_shapes(**cfg))
     numel = sum(p.numel() for _, p in named)
-    specs = [optimzoo.get_spec(n) for n in args.only.split(",")] if args.only else list(optimzoo.list_optimizers())
     fused = not (args.quick or args.no_fused)
 
     results = {"machine": machine(), "params": "llama_tiny-quick" if args.quick else "llama_60m (GaLore)",

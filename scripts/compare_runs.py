@@ -26,6 +26,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from optimzoo.cli import brief_usage, fail
+
 # canonical key <- names it has in trainer_state.json and in wandb (WandbCallback prefixes train/ and eval/)
 KEYS = {
     "step": ("step", "train/global_step"),
@@ -221,7 +223,8 @@ def plot(best: list[tuple[Run, list[float]]], out: Path, logx: bool = False, tit
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = brief_usage(argparse.ArgumentParser(description=__doc__,
+                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("paths", nargs="*", type=Path, help="run directories or directories of runs")
     parser.add_argument("--source", choices=["auto", "wandb", "trainer_state"], default="auto")
     parser.add_argument("--wandb_project", help="read runs through the wandb API instead (entity/project)")
@@ -235,7 +238,10 @@ def main(argv: list[str] | None = None) -> str:
         runs = load_api_runs(args.wandb_project, args.wandb_group)
     else:
         if not args.paths:
-            parser.error("give run directories, or --wandb_project")
+            fail(parser, "give run directories, or --wandb_project")
+        missing = [str(p) for p in args.paths if not p.is_dir()]
+        if missing:
+            fail(parser, f"no such directory: {', '.join(missing)}")
         runs = [r for d in find_run_dirs(args.paths) if (r := load_run_dir(d, args.source)) is not None]
     if not runs:
         raise SystemExit("no runs found")

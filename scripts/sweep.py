@@ -10,7 +10,8 @@ Every run gets the same model, data, seed and token budget; runs go one after an
 ``--nproc > 1``), all in one wandb group, into ``runs/<group>/<run name>/``. A run whose directory already
 holds ``run_summary.json`` is skipped, so an interrupted sweep resumes where it stopped. Each optimizer
 runs at its learning rate from ``DEFAULT_LRS`` (chosen by a grid search on llama_tiny, see the README)
-unless ``--lrs`` gives a grid. Arguments after ``--`` go to every recipe run. At the end
+unless ``--lrs`` gives a grid (an optimizer without an entry: its own registry default). Arguments after
+``--`` go to every recipe run. Names and ``--optim_args`` values are checked before the first run. At the end
 ``scripts/compare_runs.py`` writes the table and plots into the group directory.
 """
 
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import optimzoo  # noqa: E402
+from optimzoo.cli import brief_usage, check_optimizer_args, parse_kv, resolve_optimizer, user_errors  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "pretrain_llama.py"
 
@@ -60,6 +62,18 @@ def optim_args(name: str, extra: str | None) -> str | None:
     return ",".join(parts) or None
 
 
+def default_lr(name: str) -> float:
+    """``DEFAULT_LRS``, else the optimizer's own registry default (the recipe's default too)."""
+    return DEFAULT_LRS.get(name, optimzoo.get_spec(name).defaults.get("lr", 1e-3))
+
+
+def _lr(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--lrs: {text.strip()!r} is not a number") from None
+
+
 def run_name(model: str, optim: str, lr: float, seed: int) -> str:
     return f"{model}-{optim}-lr{lr:g}-s{seed}"
 
@@ -68,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = brief_usage(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--optims", default=None, help="comma-separated names (default: adamw + every zoo optimizer)")
     p.add_argument("--lrs", default=None, help="comma-separated lr grid for every optimizer (default: DEFAULT_LRS)")
     p.add_argument("--model_config", default="llama_tiny")
@@ -84,12 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry_run", action="store_true", help="print the commands only")
     args = p.parse_args(argv)
 
-    optims = [optimzoo.get_spec(o).name for o in args.optims.split(",")] if args.optims else default_optimizers()
-    grid = [float(x) for x in args.lrs.split(",")] if args.lrs else None
+    with user_errors(p):  # names and values are checked before the first run starts (exit 2, no traceback)
+        optims = [resolve_optimizer(o.strip()).name for o in args.optims.split(",")] if args.optims \
+            else default_optimizers()
+        grid = [_lr(x) for x in args.lrs.split(",")] if args.lrs else None
+        jobs = [(o, lr) for o in optims for lr in (grid or [default_lr(o)])]
+        for o, lr in jobs:
+            extra = parse_kv(optim_args(o, args.optim_args))
+            check_optimizer_args(o, {"lr": lr, **extra}, user_keys=parse_kv(args.optim_args).keys())
     model = Path(args.model_config).stem
     group = args.group or f"sweep-{model}"
     group_dir = args.runs_dir / group
-    jobs = [(o, lr) for o in optims for lr in (grid or [DEFAULT_LRS.get(o, 1e-3)])]
     env = {**os.environ, "WANDB_PROJECT": os.environ.get("WANDB_PROJECT", "optimzoo")}
     started = time.time()
     failed = []

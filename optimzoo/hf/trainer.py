@@ -1,203 +1,164 @@
-"""``ZooTrainer``: a ``transformers.Trainer`` that builds zoo optimizers by name and logs their metrics.
+"""``ZooTrainer`` (a ``transformers.Trainer`` that builds zoo optimizers by name) and :func:`trainer_optimizer`
+(any zoo optimizer in the stock ``Trainer``, or any subclass, in one argument).
 
-* ``create_optimizer`` builds the optimizer named by ``ZooTrainingArguments.optim`` with
+* ``ZooTrainer.create_optimizer`` builds the optimizer named by ``ZooTrainingArguments.optim`` with
   :func:`optimzoo.create_optimizer` on the model's *named* parameters, so routing (matrix/vector,
   decay/no-decay) is right; it works on the plain, DDP-wrapped or FSDP2-sharded model (DTensor
   parameters), and ``resume_from_checkpoint`` restores its ``state_dict`` like any optimizer's. The
   routing plan is printed at the start, written to ``<output_dir>/optimizer_config.json`` and added to
-  the wandb run config.
-* ``log`` adds optimizer metrics to every training log record *before* the callbacks see it, which is
-  how they reach wandb (``WandbCallback`` runs before user callbacks, so a user ``on_log`` is too late):
-  ``optim/lr/<group>`` for every param group (the lr of the logged step, like transformers'
-  ``learning_rate``), ``optim/update_rms/<group>`` (RMS of the parameter change of
-  the step just taken), ``optim/step_ms`` (optimizer step wall time), ``optim/state_MB`` (this rank's
-  optimizer state) and the optimizer's own ``metrics()`` as ``optim/<name>`` (SPAM's ``clip_fraction``,
-  NorMuon's ``row_scale_spread``, ...); every record (train and eval) also gets ``elapsed_s``, the wall time
-  since ``train()`` started.
+  the wandb run config with the canonical run keys (:func:`optimzoo.hf.callbacks.run_config`).
+* ``ZooTrainer.log`` adds the optimizer metrics (:func:`optimzoo.hf.callbacks.optimizer_metrics`) to every
+  training log record *before* the callbacks see it, which is how they reach wandb in the same record
+  (``WandbCallback`` runs before user callbacks, so a user ``on_log`` is too late); every record (train and
+  eval) also gets ``elapsed_s``, the wall time since ``train()`` started.
+* A step whose gradient norm (the one the Trainer computes for clipping and logging) is NaN/Inf is skipped,
+  weights, optimizer state and lr schedule untouched, and counted as ``optim/skipped_steps``; after
+  ``ZooTrainingArguments.max_nonfinite_skips`` skips in a row the next one stops training with an error
+  (:class:`optimzoo.hf.callbacks.NonFiniteGuard`).
+
+The same logic serves the stock ``Trainer`` through :class:`optimzoo.hf.OptimizerMetricsCallback`.
 
 Cost: update RMS and step time are measured only on steps that are logged: one copy of the parameters
 before the step and one reduction per tensor after it (plus a device synchronization around the step
-on accelerators); the other steps run untouched.
+on accelerators); the other steps run untouched but for the non-finite check: one host read of the
+gradient norm per step.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
-from ..optim._base import state_bytes
-from ..registry import create_optimizer
+from ..registry import create_optimizer, get_spec
+from .callbacks import NonFiniteGuard, OptimizerMetrics, OptimizerMetricsCallback, unwrap_model
 
-__all__ = ["OptimizerMetrics", "ZooTrainer"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["OptimizerMetrics", "ZooOptimizerFactory", "ZooTrainer", "trainer_optimizer"]
 
 
-def _group_names(optimizer: torch.optim.Optimizer) -> list[str]:
-    return [str(g.get("group_name", i)) for i, g in enumerate(optimizer.param_groups)]
+# ------------------------------------------------------------------------------------------------ the factory
 
 
-def _scalar(x: torch.Tensor) -> float:
-    """A 0-d tensor as a float; a DTensor is reduced over its mesh first (all ranks must call this)."""
-    if hasattr(x, "full_tensor"):
-        x = x.full_tensor()
-    return float(x)
+class ZooOptimizerFactory:
+    """The factory half of ``Trainer(optimizer_cls_and_kwargs=(factory, hparams))``.
 
-
-def _synchronize(optimizer: torch.optim.Optimizer) -> None:
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.device.type != "cpu":
-                torch.accelerator.synchronize(p.device)
-            return
-
-
-class OptimizerMetrics:
-    """Optimizer step time and per-group update RMS, measured on the steps where ``due()`` is true.
-
-    Installed as step pre/post hooks on the optimizer, so it works whatever wraps the optimizer
-    (accelerate's ``AcceleratedOptimizer`` calls the inner ``step``).
+    transformers treats a first element that is not an ``Optimizer`` subclass as a factory and calls
+    ``factory()(model, **hparams)`` with the model it prepared (plain, or FSDP2-sharded). Calling this object
+    returns :meth:`build`, which routes the model's named parameters with :func:`optimzoo.create_optimizer`.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, due: Callable[[], bool]):
-        self.optimizer = optimizer
-        self.due = due
-        self.last: dict[str, float] = {}
-        self._before: list[list[torch.Tensor]] | None = None
-        self._t0 = 0.0
-        self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
+    def __init__(self, name: str, routing: Mapping[str, Any] | None = None, max_nonfinite_skips: int | None = 5):
+        self.name = get_spec(name).name  # unknown names fail here, with "did you mean"
+        self.routing = dict(routing) if routing else None
+        self.max_nonfinite_skips = max_nonfinite_skips
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+    def __call__(self):
+        return self.build
 
-    def _pre(self, optimizer, args, kwargs) -> None:
-        if not self.due():
-            return
-        self._before = [[p.detach().clone() for p in g["params"]] for g in optimizer.param_groups]
-        _synchronize(optimizer)
-        self._t0 = time.perf_counter()
+    def build(self, model: torch.nn.Module, **hparams: Any) -> torch.optim.Optimizer:
+        optimizer = create_optimizer(unwrap_model(model), self.name, routing=self.routing, **hparams)
+        optimizer.zoo_hparams = dict(hparams)
+        if self.max_nonfinite_skips is not None:
+            flag = "trainer_optimizer(..., max_nonfinite_skips=...)"
+            NonFiniteGuard(self.max_nonfinite_skips, flag).install(optimizer)
+        return optimizer
 
-    def _post(self, optimizer, args, kwargs) -> None:
-        if self._before is None:
-            return
-        _synchronize(optimizer)
-        out = {"optim/step_ms": 1000.0 * (time.perf_counter() - self._t0)}
-        for name, group, before in zip(_group_names(optimizer), optimizer.param_groups, self._before):
-            out[f"optim/lr/{name}"] = float(group["lr"])  # the lr this step used, before the scheduler moves it
-            sq = sum((p.detach() - b).float().square().sum() for p, b in zip(group["params"], before))
-            numel = sum(p.numel() for p in group["params"])
-            if numel:
-                out[f"optim/update_rms/{name}"] = math.sqrt(_scalar(sq) / numel)
-        self._before = None
-        self.last = out
+    def __repr__(self) -> str:
+        return f"ZooOptimizerFactory({self.name!r}, routing={self.routing!r}, " \
+               f"max_nonfinite_skips={self.max_nonfinite_skips!r})"
 
 
-class _RunConfigCallback(TrainerCallback):
-    """Adds ``trainer.run_config`` (the optimizer's hyperparameters and routing, plus whatever a recipe
-    put there) to the wandb run config, after ``WandbCallback`` has created the run."""
+def trainer_optimizer(name: str, *, routing: Mapping[str, Any] | None = None, max_nonfinite_skips: int | None = 5,
+                      **hparams: Any) -> tuple[ZooOptimizerFactory, dict[str, Any]]:
+    """``(factory, hparams)`` for ``Trainer(optimizer_cls_and_kwargs=...)``: the zoo optimizer ``name`` built on
+    the model's named parameters, so routing is right (also for DDP and FSDP2 models)::
 
-    def __init__(self, trainer: ZooTrainer):
-        self.trainer = trainer
+        Trainer(model, args, train_dataset=ds,
+                optimizer_cls_and_kwargs=optimzoo.hf.trainer_optimizer("normuon", lr=0.02, adamw_lr=3e-3))
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not (self.trainer.run_config and state.is_world_process_zero):
-            return
-        try:
-            import wandb
-        except ImportError:
-            return
-        if wandb.run is not None:
-            wandb.run.config.update(self.trainer.run_config, allow_val_change=True)
+    Args:
+        name: a registry name or alias (case-insensitive); unknown names fail here with suggestions.
+        routing: routing overrides, as for :func:`optimzoo.create_optimizer`.
+        max_nonfinite_skips: steps with a non-finite gradient norm are skipped (see
+            :class:`~optimzoo.hf.callbacks.NonFiniteGuard`); after this many in a row, the next one raises.
+            ``None``: no skipping. Without :class:`~optimzoo.hf.OptimizerMetricsCallback` the lr scheduler
+            still advances on a skipped step (the factory cannot reach accelerate's wrapper) and skips are only
+            reported as warnings; with the callback they are counted as ``optim/skipped_steps`` and the
+            schedule holds.
+        **hparams: the optimizer's hyperparameters (``lr``, ``weight_decay``, ...); a key it does not take fails
+            here. ``TrainingArguments.learning_rate``/``weight_decay`` do not reach a factory: set them here.
+    """
+    spec = get_spec(name)
+    unknown = [k for k in hparams if k not in spec.hparams]
+    if unknown:
+        raise ValueError(f"{spec.name} does not take hyperparameter(s) {', '.join(map(repr, unknown))}; "
+                         f"accepted: {', '.join(spec.hparams)}")
+    return ZooOptimizerFactory(spec.name, routing, max_nonfinite_skips), dict(hparams)
+
+
+# ------------------------------------------------------------------------------------------------ ZooTrainer
 
 
 class ZooTrainer(Trainer):
     """A ``Trainer`` for :class:`~optimzoo.hf.ZooTrainingArguments` (see the module docstring).
 
     With plain ``TrainingArguments`` or a transformers optimizer name it behaves like ``Trainer`` and still
-    logs the generic optimizer metrics.
+    logs the generic optimizer metrics; ``optimizer_cls_and_kwargs`` (e.g. :func:`trainer_optimizer`) wins over
+    ``args.optim``, as in ``Trainer``.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        #: extra entries for the wandb run config; ``create_optimizer`` adds ``"optimizer"``
-        self.run_config: dict = {}
-        self._optimizer_metrics: OptimizerMetrics | None = None
+        mine = [cb for cb in self.callback_handler.callbacks if isinstance(cb, OptimizerMetricsCallback)]
+        if mine:
+            self._monitor = mine[0]
+        else:
+            self._monitor = OptimizerMetricsCallback()
+            self.add_callback(self._monitor)
+        self._monitor.in_trainer = True
+        if hasattr(self.args, "max_nonfinite_skips"):
+            self._monitor.max_nonfinite_skips = self.args.max_nonfinite_skips
+            self._monitor.skip_flag_name = "ZooTrainingArguments(max_nonfinite_skips=...), --max_nonfinite_skips in the recipe"
         self._train_start: float | None = None
-        self.add_callback(_RunConfigCallback(self))
+
+    @property
+    def run_config(self) -> dict:
+        """The wandb run config: the canonical keys and ``optimizer_config``, completed at train begin; entries
+        set here before ``train()`` (a recipe's ``model``, ``tokens_per_step``, ...) win over computed ones."""
+        return self._monitor.run_config
+
+    @run_config.setter
+    def run_config(self, value: dict) -> None:
+        self._monitor.run_config = value
 
     # ------------------------------------------------------------------ optimizer
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         zoo_name = getattr(self.args, "zoo_optim", None)
-        if self.optimizer is None and zoo_name is not None:
+        if self.optimizer is None and zoo_name is not None and self.optimizer_cls_and_kwargs is None:
             opt_model = self.model if model is None else model
             hparams = self.args.zoo_hparams()
-            self.optimizer = create_optimizer(opt_model, zoo_name, routing=self.args.zoo_routing_options(),
-                                              **hparams)
-            self._record_config(zoo_name, hparams)
+            self.optimizer = create_optimizer(unwrap_model(opt_model), zoo_name,
+                                              routing=self.args.zoo_routing_options(), **hparams)
+            self.optimizer.zoo_hparams = dict(hparams)
         else:
             super().create_optimizer(model)
-        self._attach_metrics()
         return self.optimizer
 
-    def _record_config(self, name: str, hparams: dict) -> None:
-        plan = self.optimizer.routing_plan
-        config = {
-            "name": name,
-            "class": f"{type(self.optimizer).__module__}.{type(self.optimizer).__qualname__}",
-            "hparams": {k: list(v) if isinstance(v, tuple) else v for k, v in hparams.items()},
-            "groups": [{k: v for k, v in g.items() if k not in ("params", "param_names")}
-                       for g in self.optimizer.param_groups],
-            "routing": plan.to_dict()["groups"] if plan is not None else None,
-        }
-        self.run_config["optimizer"] = config
-        if self.is_world_process_zero():
-            print(f"optimzoo: {name} ({config['class']}); parameter routing:\n{plan}", flush=True)
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, "optimizer_config.json"), "w") as f:
-                json.dump({**config, "routing": plan.to_dict() if plan is not None else None}, f,
-                          indent=1, default=str)
-
-    def _attach_metrics(self) -> None:
-        inner = self.optimizer
-        if self._optimizer_metrics is not None and self._optimizer_metrics.optimizer is inner:
-            return
-        if self._optimizer_metrics is not None:
-            self._optimizer_metrics.remove()
-        self._optimizer_metrics = OptimizerMetrics(inner, self._logging_step_next)
-
-    def _logging_step_next(self) -> bool:
-        """Whether the optimizer step about to run completes a step that will be logged."""
-        args, step = self.args, self.state.global_step + 1
-        if step == 1 and args.logging_first_step:
-            return True
-        return args.logging_strategy == "steps" and self.state.logging_steps > 0 and \
-            step % self.state.logging_steps == 0
+    def _get_grad_norm(self, model, grad_norm=None):
+        # the norm the Trainer computes anyway (for clipping and the log) decides whether the step is skipped
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._monitor.observe_grad_norm(grad_norm)
+        return grad_norm
 
     # ------------------------------------------------------------------ logging
 
     def optimizer_metrics(self) -> dict[str, float]:
-        """The optimizer entries of a training log record (see the module docstring)."""
-        opt = self.optimizer
-        if opt is None:
-            return {}
-        inner = getattr(opt, "optimizer", opt)  # accelerate's wrapper
-        out = {f"optim/lr/{n}": float(g["lr"]) for n, g in zip(_group_names(inner), inner.param_groups)}
-        if self._optimizer_metrics is not None:
-            out.update(self._optimizer_metrics.last)
-        out["optim/state_MB"] = state_bytes(inner) / 2**20
-        metrics = getattr(inner, "metrics", None)
-        if callable(metrics):
-            out.update({f"optim/{k}": float(v) for k, v in metrics().items()})
-        return out
+        """The optimizer entries of a training log record (see :func:`optimzoo.hf.callbacks.optimizer_metrics`)."""
+        return self._monitor.metrics()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
