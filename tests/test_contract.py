@@ -245,7 +245,7 @@ def test_sparse_gradients_are_refused(name):
     if spec.supports_sparse:
         pytest.skip(f"{name} supports sparse gradients")
     p = torch.nn.Parameter(torch.randn(8, 4))
-    opt = spec.cls([p], **({"lr": 0.01} if "lr" in spec.hparams else {}))
+    opt = spec.cls([("layers.0.weight", p)], **({"lr": 0.01} if "lr" in spec.hparams else {}))
     p.grad = torch.randn(8, 4).to_sparse()
     with pytest.raises(RuntimeError, match="(?i)sparse") as err:
         opt.step()
@@ -258,7 +258,7 @@ def test_complex_parameters_are_refused(name):
     if spec.baseline:
         pytest.skip("torch.optim baselines support complex parameters")
     p = torch.nn.Parameter(torch.randn(8, 4, dtype=torch.complex64))
-    opt = spec.cls([p])
+    opt = spec.cls([("layers.0.weight", p)])
     p.grad = torch.randn(8, 4, dtype=torch.complex64)
     with pytest.raises(RuntimeError, match="(?i)complex") as err:
         opt.step()

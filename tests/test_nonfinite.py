@@ -88,3 +88,12 @@ def test_the_count_survives_torch_compile():
     torch.compile(opt.step)()
     assert opt.metrics()["nonfinite_grads"] == 1.0
     torch._dynamo.reset()
+
+
+def test_counting_can_be_switched_off():
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    opt = optimzoo.create_optimizer([("layer.weight", p)], "lion", lr=1e-3)
+    opt.count_nonfinite = False
+    p.grad = torch.full((4, 4), float("nan"))
+    opt.step()
+    assert opt.metrics()["nonfinite_grads"] == 0.0 and torch.isnan(p).all()  # not counted, still not masked

@@ -247,6 +247,9 @@ class NonFiniteGuard:
         # a bound method, as torch's lr schedulers and accelerate expect of ``optimizer.step``
         optimizer.step = types.MethodType(step, optimizer)
         setattr(optimizer, _GUARD_ATTR, self)
+        if hasattr(optimizer, "count_nonfinite"):
+            # non-finite steps never reach the optimizer now: its own count would read every gradient for 0
+            optimizer.count_nonfinite = False
         self.optimizer = optimizer
         return self
 

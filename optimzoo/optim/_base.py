@@ -261,6 +261,12 @@ class ZooOptimizer(CheckpointMixin, Optimizer):
     #: whether sparse gradients are supported (none of the zoo's algorithms is)
     supports_sparse: bool = False
 
+    #: whether each step counts non-finite gradient entries (``metrics()["nonfinite_grads"]``). The count
+    #: costs one read of the gradients per step (on llama_60m shapes, 2 CPU threads: ~8 ms, +20% on a
+    #: foreach Lion step, +37% on a fused one, +1-4% on AdamP, Stable-SPAM, NorMuon); set it False on an
+    #: instance when a guard upstream already keeps non-finite gradients away (optimzoo.hf's guard does).
+    count_nonfinite: bool = True
+
     # ------------------------------------------------------------------ steps
 
     def _param_name(self, group: dict, index: int) -> str:
@@ -286,7 +292,8 @@ class ZooOptimizer(CheckpointMixin, Optimizer):
                     f"(parameter {self._param_name(group, i)}); optimize torch.view_as_real(p) instead"
                 )
             out.append((p, g))
-        self._count_nonfinite([g for _, g in out])
+        if self.count_nonfinite:
+            self._count_nonfinite([g for _, g in out])
         return out
 
     @torch.compiler.disable  # dynamo drops attribute writes on the optimizer made inside a compiled step
