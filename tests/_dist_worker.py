@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -271,14 +272,31 @@ def _entry(rank: int, world: int, port: int, job: str, kwargs: dict, result_file
         result = JOBS[job](**kwargs)
         if rank == 0:
             Path(result_file).write_text(json.dumps(result))
+        # every rank leaves together: a gloo rank that tears down while its peer is still in flight
+        # aborts now and then ("terminate called without an active exception", ENVIRONMENT.md)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def launch(job: str, world: int = 2, **kwargs) -> dict:
-    """Run ``JOBS[job](**kwargs)`` on ``world`` gloo ranks; return rank 0's result."""
+def _launch_once(job: str, world: int, kwargs: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "result.json")
         mp.start_processes(_entry, args=(world, free_port(), job, kwargs, result_file), nprocs=world,
                            start_method="spawn")
         return json.loads(Path(result_file).read_text())
+
+
+def launch(job: str, world: int = 2, **kwargs) -> dict:
+    """Run ``JOBS[job](**kwargs)`` on ``world`` gloo ranks; return rank 0's result.
+
+    A job whose rank died of SIGABRT without a Python traceback (gloo's C++ teardown: "terminate called
+    without an active exception", seen once in a CI run of this suite) is run once more, with a
+    warning; its results are still checked by the tests, and a second abort fails."""
+    try:
+        return _launch_once(job, world, kwargs)
+    except mp.ProcessExitedException as err:
+        if err.signal_name != "SIGABRT":
+            raise
+        warnings.warn(f"distributed job {job!r}: {err}; running it once more")
+        return _launch_once(job, world, kwargs)
