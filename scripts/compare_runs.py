@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from optimzoo.cli import brief_usage, fail
+from optimzoo.registry import get_spec
 
 # canonical key <- names it has in trainer_state.json and in wandb (WandbCallback prefixes train/ and eval/)
 KEYS = {
@@ -113,8 +114,19 @@ def wandb_offline_records(run_dir: Path) -> tuple[dict, list[dict]]:
     return summary.get("config", {}), rows
 
 
+def optimizer_name(config: dict) -> str:
+    """The registry's canonical name of a run's optimizer (the config's ``optimizer`` key, else ``optim`` as
+    typed), so that ``NorMuon`` and ``normuon`` runs are one optimizer in the table; other names as they are."""
+    name = config.get("optimizer")
+    name = name if isinstance(name, str) else str(config.get("optim", "?"))
+    try:
+        return get_spec(name).name
+    except (TypeError, ValueError):
+        return name
+
+
 def _make_run(config: dict, rows: list[dict], source: str, fallback_name: str) -> Run:
-    return Run(name=config.get("run_name") or fallback_name, optim=str(config.get("optim", "?")),
+    return Run(name=config.get("run_name") or fallback_name, optim=optimizer_name(config),
                lr=float(config.get("learning_rate", float("nan"))), records=[normalize(r) for r in rows],
                source=source)
 

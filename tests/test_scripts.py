@@ -99,3 +99,12 @@ def test_bench_quick_runs_and_state_bytes_match_the_registry(tmp_path):
     for r in ours:
         assert r["state_bytes"] == r["registry_bytes"], r
     assert result["newton_schulz"] and result["auon_vs_normuon"]
+
+
+def test_runs_are_grouped_by_the_canonical_optimizer_name():
+    """'NorMuon' and 'normuon' are one optimizer in the comparison, not two rows."""
+    names = {compare_runs.optimizer_name(c) for c in
+             ({"optim": "NorMuon"}, {"optim": "normuon"}, {"optimizer": "normuon", "optim": "NorMuon"},
+              {"optim": "stable-spam"})}
+    assert names == {"normuon", "stable_spam"}
+    assert compare_runs.optimizer_name({"optim": "adamw_torch_fused"}) == "adamw_torch_fused"  # transformers' own
