@@ -172,11 +172,7 @@ def check_optimizer_args(name: str, hparams: Mapping[str, Any], *, routing: Mapp
     spec = resolve_optimizer(name)
     hparams = dict(hparams)
     user = [k for k in (hparams if user_keys is None else user_keys) if k in hparams]
-    accepted = spec.hparams
-    unknown = [k for k in hparams if k not in accepted]
-    if unknown:
-        raise ValueError(f"{what}: {spec.name} does not take {', '.join(map(repr, unknown))}; "
-                         f"accepted keys: {', '.join(accepted)}")
+    spec.check_hparams(hparams, what)
     defaults = spec.defaults
     for k in user:  # a string where the optimizer wants a number: say so before its own message
         need = _expects(defaults.get(k))

@@ -132,6 +132,14 @@ class OptimizerSpec:
         """Names of the keyword hyperparameters the constructor accepts."""
         return tuple(_init_params(self.cls))
 
+    def check_hparams(self, keys: Iterable[str], what: str = "") -> None:
+        """Refuse keys the constructor does not take: ``ValueError`` naming them and the accepted keys
+        (``what``, e.g. ``"optim_args"``, prefixes the message)."""
+        unknown = [k for k in keys if k not in self.hparams]
+        if unknown:
+            raise ValueError(f"{what + ': ' if what else ''}{self.name} does not take hyperparameter(s) "
+                             f"{', '.join(map(repr, unknown))}; accepted: {', '.join(self.hparams)}")
+
     def state_cost(self, role: str = "matrix", hparams: Mapping[str, Any] | None = None) -> StateCost | None:
         """The declared :class:`StateCost` of one parameter of ``role`` under ``hparams``."""
         if self.kind == "matrix" and role != "matrix":
@@ -371,13 +379,7 @@ def create_optimizer(
     The returned optimizer has a ``routing_plan`` attribute (``None`` when groups were given).
     """
     spec = get_spec(name)
-    accepted = spec.hparams
-    unknown = [k for k in hparams if k not in accepted]
-    if unknown:
-        raise ValueError(
-            f"{spec.name} does not take hyperparameter(s) {', '.join(map(repr, unknown))}; "
-            f"accepted: {', '.join(accepted)}"
-        )
+    spec.check_hparams(hparams)
     plan: RoutingPlan | None = None
     if isinstance(routing, RoutingPlan):
         plan = routing

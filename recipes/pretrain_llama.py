@@ -216,6 +216,12 @@ def tokenized_data(dargs: DataArguments, margs: ModelArguments, tokenizer, seed:
     return train, val
 
 
+def say(message: str) -> None:
+    """Print an ``optimzoo:`` line once per job (rank 0 of torchrun, or the only process)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"optimzoo: {message}", flush=True)
+
+
 def wandb_offline_unless_logged_in() -> None:
     """Never block on a login prompt: without an API key (env or netrc) the run is logged offline."""
     if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
@@ -226,9 +232,7 @@ def wandb_offline_unless_logged_in() -> None:
         logged_in = False
     if not logged_in:
         os.environ["WANDB_MODE"] = "offline"
-        if int(os.environ.get("RANK", "0")) == 0:  # once per job, not once per rank
-            print("optimzoo: no wandb login found, logging offline (wandb sync <run dir> uploads it later)",
-                  flush=True)
+        say("no wandb login found, logging offline (wandb sync <run dir> uploads it later)")
 
 
 def build_model(config: LlamaConfig, margs: ModelArguments, targs: RecipeTrainingArguments) -> LlamaForCausalLM:
@@ -301,9 +305,7 @@ def resolve_resume(parser, targs: RecipeTrainingArguments) -> str | None:
             if not targs.allow_no_checkpoint:
                 fail(parser, f"--resume_from_checkpoint {resume}: no checkpoint-* in {targs.output_dir}; "
                              "pass --allow_no_checkpoint to train from scratch")
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"optimzoo: no checkpoint in {targs.output_dir}: training from scratch "
-                      "(--allow_no_checkpoint)", flush=True)
+            say(f"no checkpoint in {targs.output_dir}: training from scratch (--allow_no_checkpoint)")
         return found
     if not (Path(resume) / "trainer_state.json").is_file():
         fail(parser, f"--resume_from_checkpoint: {resume} is not a checkpoint (no trainer_state.json)")
@@ -337,9 +339,8 @@ def finished_summary(resume: str, targs: RecipeTrainingArguments) -> dict | None
     step = json.loads((Path(resume) / "trainer_state.json").read_text()).get("global_step", 0)
     if targs.max_steps <= 0 or step < targs.max_steps:
         return None
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"optimzoo: {resume} is already at step {step} of --max_steps {targs.max_steps}: nothing to train "
-              "(raise --max_steps to train further)", flush=True)
+    say(f"{resume} is already at step {step} of --max_steps {targs.max_steps}: nothing to train "
+        "(raise --max_steps to train further)")
     summary_file = Path(targs.output_dir) / "run_summary.json"
     if summary_file.is_file():
         return json.loads(summary_file.read_text())

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..ops.matrix import matrix_shape, shape_buckets
+from ..ops.reduce import local_tensor
 
 __all__ = ["row_state_like", "shard_rows", "transform_sharded"]
 
@@ -64,10 +65,6 @@ def _row_mesh_dim(p: torch.Tensor) -> int | None:
     return split[0]
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def transform_sharded(opt, group: dict, params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor],
                       states: Sequence[dict]) -> list[torch.Tensor]:
     """Stage 2 of ``opt`` for a group holding ``DTensor`` parameters; returns one update per parameter,
@@ -84,9 +81,9 @@ def transform_sharded(opt, group: dict, params: Sequence[torch.Tensor], updates:
         else:
             rounds.setdefault((id(p.device_mesh), dim), []).append(i)
     if local:
-        local_states = [{k: _local(states[i][k]) for k in opt.row_state} for i in local]
-        results = opt._transform_local(group, [_local(params[i]) for i in local],
-                                       [_local(updates[i]) for i in local], local_states)
+        local_states = [{k: local_tensor(states[i][k]) for k in opt.row_state} for i in local]
+        results = opt._transform_local(group, [local_tensor(params[i]) for i in local],
+                                       [local_tensor(updates[i]) for i in local], local_states)
         for i, o in zip(local, results):
             outs[i] = _like(o, params[i])
     row_local = hasattr(opt, "_transform_row_blocks") and not opt.row_state
@@ -122,7 +119,7 @@ def _row_block_round(opt, group: dict, pg, params, updates) -> list[torch.Tensor
     outs: list[torch.Tensor | None] = [None] * len(params)
     for (shape, _, _), idx in shape_buckets(params, updates).items():
         m, n = matrix_shape(shape)
-        blocks = [_local(updates[j]) for j in idx]
+        blocks = [local_tensor(updates[j]) for j in idx]
         Y = opt._transform_row_blocks(group, torch.stack([b.reshape(-1, n) for b in blocks]), m, col_sum)
         for k, j in enumerate(idx):
             outs[j] = _like(Y[k].reshape(blocks[k].shape), params[j])
@@ -164,12 +161,12 @@ def _owner_round(opt, group: dict, pg, params, updates, states) -> list[torch.Te
     world, me = pg.size(), dist.get_rank(pg)
     keys = opt.row_state
     wire = functools.reduce(torch.promote_types, (u.dtype for u in updates), torch.float32)
-    device = _local(params[0]).device
+    device = local_tensor(params[0]).device
 
     plan, start = [], 0
     for (shape, dtype, _), idx in shape_buckets(params, updates).items():
         m = shape[0]
-        widths = [_local(states[idx[0]][k]).size(-1) for k in keys]
+        widths = [local_tensor(states[idx[0]][k]).size(-1) for k in keys]
         plan.append(_Bucket(shape, dtype, idx, start, world, m, math.prod(shape[1:]), widths, -(-m // world),
                             shard_rows(m, world)[me]))
         start += len(idx)
@@ -179,8 +176,8 @@ def _owner_round(opt, group: dict, pg, params, updates, states) -> list[torch.Te
     # 1. every rank sends each owner its (padded) row blocks of the owner's matrices
     blocks = []
     for b in plan:
-        local = torch.stack([torch.cat([_local(updates[i]).reshape(b.local_rows, b.n).to(wire),
-                                        *(_local(states[i][k]).to(wire) for k in keys)], dim=-1) for i in b.idx])
+        local = torch.stack([torch.cat([local_tensor(updates[i]).reshape(b.local_rows, b.n).to(wire),
+                                        *(local_tensor(states[i][k]).to(wire) for k in keys)], dim=-1) for i in b.idx])
         blocks.append(F.pad(local, (0, 0, 0, b.chunk - b.local_rows)))
     send = [blocks[k][b.owned(d)].reshape(-1) for d in range(world) for k, b in enumerate(plan)]
     recv = _exchange(send, theirs, [mine] * world, wire, device, pg).view(world, mine)
@@ -195,7 +192,7 @@ def _owner_round(opt, group: dict, pg, params, updates, states) -> list[torch.Te
             full = blocks.reshape(k, world * b.chunk, b.cols)[:, :b.m]
             U = full[..., :b.n].to(b.dtype).contiguous()
             state_cols = full[..., b.n:].split(b.widths, dim=-1)
-            row_state = {key: c.to(_local(states[b.idx[0]][key]).dtype) for key, c in zip(keys, state_cols)}
+            row_state = {key: c.to(local_tensor(states[b.idx[0]][key]).dtype) for key, c in zip(keys, state_cols)}
             O = opt._transform(group, U, row_state)
             full = torch.cat([O.to(wire), *(row_state[key].to(wire) for key in keys)], dim=-1)
             blocks = F.pad(full, (0, 0, 0, world * b.chunk - b.m)).view(k, world, b.chunk, b.cols)
@@ -214,7 +211,7 @@ def _owner_round(opt, group: dict, pg, params, updates, states) -> list[torch.Te
         for j, i in enumerate(b.idx):
             outs[i] = _like(local[j, :, :b.n].reshape(b.local_rows, *b.shape[1:]), params[i])
             for key, c in zip(keys, local[j, :, b.n:].split(b.widths, dim=-1)):
-                _local(states[i][key]).copy_(c)
+                local_tensor(states[i][key]).copy_(c)
     return outs  # type: ignore[return-value]
 
 

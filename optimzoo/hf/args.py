@@ -140,10 +140,7 @@ class ZooTrainingArguments(TrainingArguments):
             else:
                 warnings.warn(f"{spec.name} has no {eps_key!r}: adam_epsilon is not used", stacklevel=2)
         extra = parse_optim_args(self.optim_args)
-        unknown = [k for k in extra if k not in accepted]
-        if unknown:
-            raise ValueError(f"optim_args: {spec.name} does not take {', '.join(map(repr, unknown))}; "
-                             f"accepted keys: {', '.join(accepted)}")
+        spec.check_hparams(extra, "optim_args")
         hp.update(extra)
         return hp
 

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 
+from ..ops.reduce import local_tensor
 from ..optim._base import state_bytes
 from ..registry import get_spec, registered_name
 
@@ -84,10 +85,6 @@ def _scalar(x: torch.Tensor | float) -> float:
     if hasattr(x, "full_tensor"):
         x = x.full_tensor()
     return float(x)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _synchronize(optimizer: torch.optim.Optimizer) -> None:
@@ -276,7 +273,7 @@ class NonFiniteGuard:
         if norm is not None:
             value = _scalar(norm)
             return not math.isfinite(value), value
-        grads = [_local(p.grad) for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [local_tensor(p.grad) for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         device = grads[0].device if grads else next(
             (p.device for g in self.optimizer.param_groups for p in g["params"]), torch.device("cpu"))
         if grads:

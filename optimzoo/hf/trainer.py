@@ -92,10 +92,7 @@ def trainer_optimizer(name: str, *, routing: Mapping[str, Any] | None = None, ma
             here. ``TrainingArguments.learning_rate``/``weight_decay`` do not reach a factory: set them here.
     """
     spec = get_spec(name)
-    unknown = [k for k in hparams if k not in spec.hparams]
-    if unknown:
-        raise ValueError(f"{spec.name} does not take hyperparameter(s) {', '.join(map(repr, unknown))}; "
-                         f"accepted: {', '.join(spec.hparams)}")
+    spec.check_hparams(hparams)
     return ZooOptimizerFactory(spec.name, routing, max_nonfinite_skips), dict(hparams)
 
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["global_amax", "global_sum", "is_sharded"]
+__all__ = ["global_amax", "global_sum", "is_sharded", "local_tensor"]
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: the local shard of a ``DTensor``, a plain tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def is_sharded(t: torch.Tensor) -> bool:

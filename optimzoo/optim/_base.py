@@ -24,6 +24,7 @@ import torch
 from torch.fx.experimental import _config as shape_config
 from torch.optim import Optimizer
 
+from ..ops.reduce import local_tensor
 from ._checkpoint import CheckpointMixin
 
 __all__ = [
@@ -307,7 +308,7 @@ class ZooOptimizer(CheckpointMixin, Optimizer):
         flagged tensors are counted; on accelerators every tensor is counted on the device, without a
         host sync. Under ``torch.compile(opt.step)`` this runs eagerly (a graph break). DTensor gradients count their local shard (a per-rank figure).
         """
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        local = [local_tensor(g) for g in grads]
         if not local:
             return
         if all(g.device.type == "cpu" for g in local):
@@ -409,6 +410,6 @@ def state_bytes(optimizer: Optimizer) -> int:
             continue
         for v in st.values():
             if isinstance(v, torch.Tensor) and v.dim() > 0:
-                local = v.to_local() if hasattr(v, "to_local") else v
+                local = local_tensor(v)
                 total += local.numel() * local.element_size()
     return total
