@@ -59,6 +59,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from optimzoo.cli import brief_usage, fail, user_errors
 from optimzoo.hf import PretrainTrainer, ZooTrainingArguments
 from optimzoo.hf.data import byte_tokenizer, embedded_corpus, holdout_split, tokenize_dataset
+from optimzoo.hf.sharded_checkpoint import ShardedPretrainTrainer
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -75,7 +76,9 @@ class ModelArguments:
     pure_bf16: bool = field(default=False, metadata={
         "help": "Cast the model's weights to bf16, as GaLore's script does (not AMP; for AMP use --bf16)."})
     fsdp2: bool = field(default=False, metadata={
-        "help": "Shard the model with FSDP2 over all torchrun processes (transformers' DistributedConfig)."})
+        "help": "Shard the model with FSDP2 over all torchrun processes (transformers' DistributedConfig); "
+                "checkpoints are sharded DCP checkpoints (optimzoo.hf.sharded_checkpoint) that resume at any "
+                "world size. With --bf16: FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 weights and state)."})
 
 
 @dataclass
@@ -237,7 +240,8 @@ def wandb_offline_unless_logged_in() -> None:
 
 def build_model(config: LlamaConfig, margs: ModelArguments, targs: RecipeTrainingArguments) -> LlamaForCausalLM:
     torch.manual_seed(targs.seed)
-    if not margs.fsdp2:
+    if not margs.fsdp2 or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # one process: nothing to shard; --fsdp2 still writes DCP checkpoints, which any world size resumes
         model = LlamaForCausalLM(config)
         return model.to(torch.bfloat16) if margs.pure_bf16 else model
     # FSDP2 through transformers' own path: one rank writes the initial weights, every rank loads its shards
@@ -251,7 +255,8 @@ def build_model(config: LlamaConfig, margs: ModelArguments, targs: RecipeTrainin
         LlamaForCausalLM(config).save_pretrained(init_dir)
     dist.barrier()
     model = LlamaForCausalLM.from_pretrained(
-        init_dir, distributed_config=DistributedConfig(fsdp_size=dist.get_world_size()),
+        init_dir, distributed_config=DistributedConfig(
+            fsdp_size=dist.get_world_size(), fsdp_mixed_precision=targs.bf16),  # bf16 compute, fp32 master weights
         dtype=torch.bfloat16 if margs.pure_bf16 else torch.float32)
     not_sharded = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
     if not_sharded:
@@ -317,7 +322,7 @@ def describe_run(model, margs: ModelArguments, targs: RecipeTrainingArguments, w
     parts = [f"world size {world}"]
     backend = f"{dist.get_backend()}, " if dist.is_initialized() else ""
     parts[0] += f" ({backend}{targs.device.type})"
-    if margs.fsdp2:
+    if margs.fsdp2 and world > 1:
         mesh = next((p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh")), None)
         dims = "" if mesh is None else " x ".join(
             f"{n}={s}" for n, s in zip(mesh.mesh_dim_names or [f"dim{i}" for i in range(mesh.ndim)], mesh.shape))
@@ -376,8 +381,9 @@ def main(argv: list[str] | None = None) -> dict:
     if val is not None and dargs.max_eval_samples and not dargs.streaming:
         val = val.select(range(min(dargs.max_eval_samples, len(val))))
 
-    trainer = PretrainTrainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
-                              processing_class=tokenizer, data_collator=default_data_collator)
+    trainer_cls = ShardedPretrainTrainer if margs.fsdp2 else PretrainTrainer  # --fsdp2: DCP checkpoints
+    trainer = trainer_cls(model=model, args=targs, train_dataset=train, eval_dataset=val,
+                          processing_class=tokenizer, data_collator=default_data_collator)
     readable_logs(trainer)
     world = int(os.environ.get("WORLD_SIZE", 1))
     n_params = sum(p.numel() for p in model.parameters())

@@ -14,10 +14,17 @@ one NorMuon step is timed three ways:
 
 Reported per rank: matrices transformed per step, time inside ``_transform`` (Newton-Schulz and the
 normalization) per step, step time, and bytes sent and received per step; then the ratios.
+
+The second part (``--suite elementwise``) times the element-wise optimizers on all the parameters of
+the same model (58.1M, embeddings and head included), row-sharded as FSDP2 shards them: for each
+algorithm, the zoo's default path on ``DTensor`` s, its foreach and single-tensor paths, torch's
+AdamW (foreach) and the peer packages (those that run on ``DTensor`` s; the others are listed with
+their error), interleaved over the repetitions. A step's time is the slowest rank's.
 Each rank uses one thread (CPU cores play the devices).
 
-    python scripts/bench_distributed.py              # spawns 2 gloo ranks (about a minute on 2 cores)
+    python scripts/bench_distributed.py              # spawns 2 gloo ranks (a few minutes on 2 cores)
     python scripts/bench_distributed.py --quick      # small shapes, one repetition (smoke test)
+    python scripts/bench_distributed.py --suite elementwise --only lion,diffgrad
     torchrun --nproc_per_node 2 scripts/bench_distributed.py [--quick]
 """
 
@@ -34,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 import optimzoo
+from bench_step import LLAMA_60M as LLAMA_60M_ALL, QUICK as QUICK_ALL, llama_shapes, peers_of
 from optimzoo.cli import brief_usage, fail
 from optimzoo.distributed import shard_rows
 
@@ -163,6 +171,84 @@ def run_rank(cfg: dict, reps: int) -> dict | None:
     return report
 
 
+#: the element-wise optimizers of the registry (their default path on DTensors is what this times)
+ELEMENTWISE = ("adamp", "sgdp", "diffgrad", "lion", "spam", "stable_spam")
+
+
+def elementwise_candidates(algorithm: str) -> list[tuple[str, object]]:
+    """(label, factory of an optimizer over named parameters): torch AdamW, our three paths, the peers."""
+    ours = [(f"optimzoo ({label})", kw) for label, kw in
+            (("default", {}), ("foreach", {"foreach": True}), ("single-tensor", {"foreach": False}))]
+    return ([("torch.optim.AdamW (foreach)", lambda named: torch.optim.AdamW([p for _, p in named], foreach=True))]
+            + [(label, lambda named, kw=kw: optimzoo.create_optimizer(named, algorithm, **kw)) for label, kw in ours]
+            + peers_of(algorithm))
+
+
+def run_elementwise(cfg: dict, reps: int, algorithms: list[str]) -> dict | None:
+    """Step times of every candidate of each algorithm on row-sharded parameters; rank 0 returns them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.set_num_threads(1)
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(0)
+    named = []
+    for name, shape in llama_shapes(**cfg):
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(shape, generator=gen) * 0.02, mesh, [Shard(0)],
+                                                 src_data_rank=None))
+        p.grad = distribute_tensor(torch.randn(shape, generator=gen) * 1e-3, mesh, [Shard(0)], src_data_rank=None)
+        named.append((name, p))
+    report = {"parameters": sum(p.numel() for _, p in named), "world": world, "reps": reps, "algorithms": {}}
+    for algorithm in algorithms:
+        opts, failed = [], {}
+        for label, make in elementwise_candidates(algorithm):
+            try:
+                opt = make(named)
+                opt.step()  # warm-up (creates the state)
+                error = ""
+            except Exception as e:  # a peer that does not run on DTensors fails the same way on every rank
+                error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+            errors = [None] * world
+            dist.all_gather_object(errors, error)
+            if any(errors):
+                failed[label] = next(e for e in errors if e)
+            else:
+                opts.append((label, opt))
+        times: dict[str, list[float]] = {label: [] for label, _ in opts}
+        for _ in range(reps):
+            for label, opt in opts:
+                dist.barrier()
+                start = time.perf_counter()
+                opt.step()
+                elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                times[label].append(float(elapsed))
+        del opts
+        report["algorithms"][algorithm] = {"ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+                                           "failed": failed}
+    return report if dist.get_rank() == 0 else None
+
+
+def print_elementwise(r: dict) -> None:
+    print(f"\nElement-wise optimizers on {r['parameters'] / 1e6:.1f}M row-sharded parameters, {r['world']} gloo "
+          f"ranks (1 thread each), median of {r['reps']} interleaved steps (slowest rank)")
+    print(f"{'optimizer':<12}{'implementation':<34}{'step ms':>10}{'x AdamW':>9}{'x fastest peer':>16}")
+    for algorithm, a in r["algorithms"].items():
+        ms = a["ms"]
+        adamw = ms.get("torch.optim.AdamW (foreach)")
+        peers = [v for k, v in ms.items() if not k.startswith(("optimzoo", "torch.optim.AdamW"))]
+        best_peer = min(peers) if peers else None
+        for label, v in ms.items():
+            if label.startswith("torch.optim.AdamW") and algorithm != next(iter(r["algorithms"])):
+                continue  # the yardstick once (it is re-timed beside each algorithm for the ratios)
+            x_adamw = f"{v / adamw:.2f}" if adamw else "-"
+            x_peer = f"{v / best_peer:.2f}" if best_peer and label.startswith("optimzoo") else "-"
+            print(f"{algorithm:<12}{label:<34}{v:>10.1f}{x_adamw:>9}{x_peer:>16}")
+        for label, error in a["failed"].items():
+            print(f"{algorithm:<12}{label:<34}{'fails':>10}  ({error})")
+
+
 def print_report(r: dict) -> None:
     mb = 1 / 2**20
     print(f"{r['matrices']} hidden matrices, {r['parameters'] / 1e6:.1f}M parameters, {r['world']} gloo ranks "
@@ -187,9 +273,17 @@ def _spawned(rank: int, world: int, port: int, args) -> None:
 
 
 def main_rank(args) -> None:
-    report = run_rank(QUICK if args.quick else LLAMA_60M, 1 if args.quick else args.reps)
-    if report is not None:
-        print_report(report)
+    reps = 1 if args.quick else args.reps
+    report: dict = {}
+    if args.suite in ("all", "owner"):
+        report["owner"] = run_rank(QUICK if args.quick else LLAMA_60M, reps)
+    if args.suite in ("all", "elementwise"):
+        report["elementwise"] = run_elementwise(QUICK_ALL if args.quick else LLAMA_60M_ALL, reps, args.only)
+    if dist.get_rank() == 0:
+        if "owner" in report:
+            print_report(report["owner"])
+        if "elementwise" in report:
+            print_elementwise(report["elementwise"])
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)
@@ -201,9 +295,18 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed steps (median reported)")
     parser.add_argument("--nproc", type=int, default=2, help="ranks to spawn when not under torchrun")
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--suite", choices=("all", "owner", "elementwise"), default="all",
+                        help="owner: NorMuon's owner-based transforms; elementwise: the element-wise optimizers' "
+                             "paths on DTensors (default: both)")
+    parser.add_argument("--only", default=",".join(ELEMENTWISE),
+                        help=f"element-wise optimizers to time (default: {','.join(ELEMENTWISE)})")
     args = parser.parse_args()
     if args.nproc < 1 or args.reps < 1:
         fail(parser, "--nproc and --reps must be at least 1")
+    args.only = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in args.only if n not in ELEMENTWISE]
+    if unknown:
+        fail(parser, f"--only: {', '.join(unknown)} not among the element-wise optimizers {', '.join(ELEMENTWISE)}")
     if "RANK" in os.environ:  # under torchrun
         dist.init_process_group("gloo")
         try:

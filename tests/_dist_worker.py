@@ -30,7 +30,7 @@ SAVE_AT = 3  # DCP: checkpoint after this many steps, then STEPS - SAVE_AT more
 #: (case id, registry name, extra hyperparameters): every registered optimizer with the contract
 #: suite's settings, plus settings that exercise the whole-tensor reductions (AdamP's projection
 #: with a threshold that fires, SPAM's clipping and reset, Stable-SPAM's reset, Lion-K's norms) and
-#: the element-wise optimizers' foreach paths on DTensors
+#: the element-wise optimizers' single-tensor paths on DTensors
 CASES = [(n, n, {}) for n in NAMES] + [
     ("adamp[delta=1]", "adamp", {"delta": 1.0}),
     ("sgdp[delta=1]", "sgdp", {"delta": 1.0, "momentum": 0.9}),
@@ -40,13 +40,14 @@ CASES = [(n, n, {}) for n in NAMES] + [
     ("lion_k[lp]", "lion_k", {"kappa": "lp"}),
     ("lion_k[nuclear]", "lion_k", {"kappa": "nuclear"}),
     ("normuon[match_adamw]", "normuon", {"adjust_lr": "match_adamw"}),
-    # the foreach paths on DTensors (the default for DTensors is the single-tensor path)
-    ("adamp[foreach,delta=1]", "adamp", {"foreach": True, "delta": 1.0}),
-    ("sgdp[foreach,delta=1]", "sgdp", {"foreach": True, "delta": 1.0, "momentum": 0.9}),
-    ("diffgrad[foreach]", "diffgrad", {"foreach": True}),
-    ("lion[foreach]", "lion", {"foreach": True}),
-    ("spam[foreach]", "spam", {"foreach": True}),
-    ("stable_spam[foreach]", "stable_spam", {"foreach": True}),
+    # the single-tensor paths on DTensors (the default for DTensors is the foreach path)
+    ("adamp[single,delta=1]", "adamp", {"foreach": False, "delta": 1.0}),
+    ("sgdp[single,delta=1]", "sgdp", {"foreach": False, "delta": 1.0, "momentum": 0.9}),
+    ("diffgrad[single]", "diffgrad", {"foreach": False}),
+    ("lion[single]", "lion", {"foreach": False}),
+    ("spam[single]", "spam", {"foreach": False}),
+    ("stable_spam[single]", "stable_spam", {"foreach": False}),
+    ("lion_k[l2,single]", "lion_k", {"kappa": "l2", "foreach": False}),
 ]
 MATRIX_CASES = [c for c in CASES if optimzoo.get_spec(c[1]).kind == "matrix"]
 

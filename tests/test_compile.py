@@ -82,14 +82,20 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _model() -> TinyLM:
+def _model(device: str = "cpu") -> TinyLM:
     torch.manual_seed(0)
-    return TinyLM(vocab=32, dim=16, layers=1, heads=2, hidden=24)
+    return TinyLM(vocab=32, dim=16, layers=1, heads=2, hidden=24).to(device)
 
 
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("name,hparams", _cases())
-def test_compiled_step_matches_eager(name, hparams, capsys):
-    eager_model = _model()
+def test_compiled_step_matches_eager(name, hparams, device, capsys):
+    if "ns_dtype" in optimzoo.get_spec(name).hparams:
+        hparams = {"ns_dtype": "float32", **hparams}  # the bound assumes float32 matmuls (auto may be bf16)
+    eager_model = _model(device)
     compiled_model = copy.deepcopy(eager_model)
     start = [p.detach().clone() for p in eager_model.parameters()]
     eager = optimzoo.create_optimizer(eager_model, name, **hparams)
@@ -101,7 +107,7 @@ def test_compiled_step_matches_eager(name, hparams, capsys):
     seconds = 0.0
     for s in range(STEPS):
         eager.zero_grad(set_to_none=True)
-        eager_model.loss(tiny_batch(s, vocab=32)).backward()
+        eager_model.loss(tiny_batch(s, vocab=32).to(device)).backward()
         for p, q in zip(params, compiled_model.parameters()):
             q.grad = p.grad.clone()
         before = [p.detach().clone() for p in params]

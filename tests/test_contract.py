@@ -40,6 +40,7 @@ BAD_VALUES: dict[str, list[tuple[object, bool]]] = {
     "adamw_eps": [(-1e-8, True)],
     "adamw_weight_decay": [(-0.1, True)],
     "ns_steps": [(0, True), (2.5, True)],
+    "batch_budget": [(0, True), (-1.0, True)],
     "beta2": [(-0.1, True), (1.0, True)],
     "ns_beta": [(0.0, True), (1.5, True)],
     "iterations": [(0, True), (2.5, True)],

@@ -315,7 +315,7 @@ def test_lion_k_first_step_closed_forms(path):
         w = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
         w0 = w.detach().clone()
         w.grad = g.clone()
-        opt = LionK([w], lr=lr, betas=(b1, b2), kappa=name, p=p_, a=a, **PATHS[path])
+        opt = LionK([w], lr=lr, betas=(b1, b2), kappa=name, p=p_, a=a, ns_dtype="float32", **PATHS[path])
         opt.step()
         assert_close(w.detach() - w0, -lr * torch.tensor(exp), rtol=0, atol=2e-6, msg=name)
         assert_close(opt.state[w]["exp_avg"], (1 - b2) * g, rtol=1e-6, atol=0, msg=name)
@@ -334,7 +334,7 @@ def test_lion_k_nuclear_uses_sign_for_vectors():
     w, b = torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(5))
     w0, b0 = w.detach().clone(), b.detach().clone()
     w.grad, b.grad = torch.randn(5, 3), torch.randn(5)
-    LionK([w, b], lr=0.01, kappa="nuclear").step()
+    LionK([w, b], lr=0.01, kappa="nuclear", ns_dtype="float32").step()
     assert_close(b.detach() - b0, -0.01 * b.grad.sign(), rtol=0, atol=weight_ulps(b0))
     assert_close(w.detach() - w0, -0.01 * kappa_nuclear(0.1 * w.grad), rtol=0, atol=weight_ulps(w0))
 
@@ -525,6 +525,7 @@ def test_grad_is_not_modified_and_no_state_without_grad():
         assert ps[1] not in opt.state
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kappa", ["sign", "lp", "nuclear"])
 def test_cuda_matches_cpu(kappa):

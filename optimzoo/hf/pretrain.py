@@ -9,6 +9,10 @@
   the sum of per-batch mean losses divided by ``n_batches + 1`` (its counter starts at 1), then averaged
   over ranks; biased low by ``n/(n+1)``. ``eval_galore_perplexity = exp(eval_galore_loss)``;
 * ``eval_tokens``: the number of label tokens evaluated (all ranks).
+
+Its run clock (:class:`~optimzoo.hf.runs.RunClock`, added as a callback) sums wall time, process CPU time and
+optimizer-step times over the sessions of a resumed run; every training log record gets the cumulative
+``time/wall_s`` and ``time/cpu_s``, so loss-vs-time curves never go back in time after a resume.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import time
 
 import torch
 
+from .runs import RunClock
 from .trainer import ZooTrainer
 
 __all__ = ["PretrainTrainer"]
@@ -25,6 +30,23 @@ __all__ = ["PretrainTrainer"]
 
 class PretrainTrainer(ZooTrainer):
     """See the module docstring."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.clock is None:
+            self.add_callback(RunClock())
+
+    @property
+    def clock(self) -> RunClock | None:
+        """The run clock (looked up each time: resuming with ``restore_callback_states_from_checkpoint`` replaces
+        the callback by a restored copy)."""
+        return next((cb for cb in self.callback_handler.callbacks if isinstance(cb, RunClock)), None)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        clock = self.clock
+        if "loss" in logs and clock is not None:
+            logs.update({f"time/{k}": v for k, v in clock.totals().items()})
+        super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         loader = self.get_eval_dataloader(eval_dataset)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["global_amax", "global_sum", "is_sharded", "local_tensor"]
+__all__ = ["global_amax", "global_sum", "is_sharded", "local_tensor", "reduce_shards", "reduce_shards_many"]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -24,19 +24,38 @@ def is_sharded(t: torch.Tensor) -> bool:
     return hasattr(t, "device_mesh") and any(pl.is_shard() for pl in t.placements)
 
 
-def _all_reduce(value: torch.Tensor, like: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
-    """All-reduce ``value`` (computed from ``like``'s local shard) over ``like``'s sharded mesh dims."""
+def reduce_shards(value: torch.Tensor, like: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    """All-reduce ``value`` (computed from ``like``'s local shard) in place over ``like``'s sharded mesh
+    dims; a plain ``like`` leaves it as it is."""
+    if not hasattr(like, "device_mesh"):
+        return value
     for dim, placement in enumerate(like.placements):
         if placement.is_shard():
             dist.all_reduce(value, op=op, group=like.device_mesh.get_group(dim))
     return value
 
 
+def reduce_shards_many(values: list[torch.Tensor], likes: list[torch.Tensor], op: dist.ReduceOp) -> list[torch.Tensor]:
+    """:func:`reduce_shards` of ``values[i]`` over ``likes[i]``'s shards for every ``i``, with one
+    all-reduce per group of ``likes`` sharded alike (same mesh and placements) instead of one per value.
+    Values of plain ``likes`` come back as they are. Every rank must pass the same sequence of likes."""
+    out = list(values)
+    groups: dict[tuple, list[int]] = {}
+    for i, like in enumerate(likes):
+        if is_sharded(like):
+            groups.setdefault((like.device_mesh, tuple(like.placements)), []).append(i)
+    for idx in groups.values():
+        stacked = reduce_shards(torch.stack([values[i] for i in idx]), likes[idx[0]], op)
+        for j, i in enumerate(idx):
+            out[i] = stacked[j]
+    return out
+
+
 def global_sum(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Sum of all elements of ``x`` (accumulated in ``dtype`` if given), over all shards of a ``DTensor``."""
     if not hasattr(x, "device_mesh"):
         return x.sum(dtype=dtype)
-    return _all_reduce(x.to_local().sum(dtype=dtype), x, dist.ReduceOp.SUM)
+    return reduce_shards(x.to_local().sum(dtype=dtype), x, dist.ReduceOp.SUM)
 
 
 def global_amax(x: torch.Tensor) -> torch.Tensor:
@@ -45,4 +64,4 @@ def global_amax(x: torch.Tensor) -> torch.Tensor:
         return x.amax()
     local = x.to_local()
     value = local.amax() if local.numel() else torch.full((), -torch.inf, dtype=local.dtype, device=local.device)
-    return _all_reduce(value, x, dist.ReduceOp.MAX)
+    return reduce_shards(value, x, dist.ReduceOp.MAX)

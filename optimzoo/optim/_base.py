@@ -35,10 +35,12 @@ __all__ = [
     "check_lr",
     "check_paths",
     "check_range",
+    "chunk_views",
     "foreach_adam_moments_",
     "foreach_chunks",
     "eager_kernel",
     "fused_kernel",
+    "piecewise",
     "state_bytes",
 ]
 
@@ -139,6 +141,22 @@ def foreach_adam_moments_(exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.
 CHUNK_ELEMENTS = 1 << 20
 
 
+def chunk_views(tensors: Sequence[torch.Tensor], elements: int | None = None) -> list[list[torch.Tensor]]:
+    """Same-shaped ``tensors`` as pieces of about ``elements`` elements: a list of pieces, each a list
+    of flat views (one per tensor) covering the same elements.
+
+    Non-contiguous and sharded (``DTensor``) tensors come back whole (one piece), so are empty ones.
+    ``elements`` defaults to :data:`CHUNK_ELEMENTS` (read at call time).
+    """
+    elements = elements or CHUNK_ELEMENTS
+    first = tensors[0]
+    n = first.numel()
+    if n <= elements or hasattr(first, "device_mesh") or not all(t.is_contiguous() for t in tensors):
+        return [list(tensors)]
+    flat = [t.view(-1) for t in tensors]
+    return [[f[s:s + elements] for f in flat] for s in range(0, n, elements)]
+
+
 def foreach_chunks(tensor_lists: Sequence[Sequence[torch.Tensor]],
                    elements: int | None = None) -> Iterator[tuple[list[list[torch.Tensor]], list[int]]]:
     """Split parallel lists of same-shaped tensors into groups of flat pieces (views) of about
@@ -148,23 +166,15 @@ def foreach_chunks(tensor_lists: Sequence[Sequence[torch.Tensor]],
     comes from (to pick per-tensor scalars). A foreach update run group by group makes its passes over
     data that is still in cache, and its temporaries are small: on a CPU a temporary the size of an
     embedding matrix (> 32 MB) is a fresh mapping from the allocator, page-faulted in at every step.
-    Non-contiguous and sharded (``DTensor``) tensors are passed whole. Only for updates without
-    whole-tensor reductions.
-    ``elements`` defaults to :data:`CHUNK_ELEMENTS`.
+    Non-contiguous and sharded (``DTensor``) tensors are passed whole (:func:`chunk_views`). Only for
+    updates without whole-tensor reductions. ``elements`` defaults to :data:`CHUNK_ELEMENTS`.
     """
     elements = elements or CHUNK_ELEMENTS
     groups: list[list[torch.Tensor]] = [[] for _ in tensor_lists]
     sources: list[int] = []
     size = 0
-    for i, first in enumerate(tensor_lists[0]):
-        tensors = [lst[i] for lst in tensor_lists]
-        n = first.numel()
-        if all(t.is_contiguous() for t in tensors) and not hasattr(first, "device_mesh"):
-            flat = [t.view(-1) for t in tensors]
-            pieces = [[f[s:s + elements] for f in flat] for s in range(0, n, elements)] if n else [flat]
-        else:
-            pieces = [tensors]
-        for piece in pieces:
+    for i in range(len(tensor_lists[0])):
+        for piece in chunk_views([lst[i] for lst in tensor_lists], elements):
             for group, t in zip(groups, piece):
                 group.append(t)
             sources.append(i)
@@ -174,6 +184,23 @@ def foreach_chunks(tensor_lists: Sequence[Sequence[torch.Tensor]],
                 groups, sources, size = [[] for _ in tensor_lists], [], 0
     if sources:
         yield groups, sources
+
+
+def piecewise(fn: Callable) -> Callable:
+    """``fn``, an element-wise single-tensor update ``fn(*tensors, *scalars, **static)``, as an eager
+    runner ``run(tensors, scalars, **static)`` over the pieces of :func:`chunk_views`: the same numbers
+    as one call (every output element depends only on the same element of the inputs), with piece-sized
+    temporaries instead of tensor-sized ones. ``fn`` returns None or a 0-d tensor that adds up over the
+    pieces (a count)."""
+
+    def run(tensors: Sequence[torch.Tensor], scalars: Sequence, **static):
+        results = [fn(*piece, *scalars, **static) for piece in chunk_views(tensors)]
+        if results[0] is None or len(results) == 1:
+            return results[0]
+        return torch.stack(results).sum()
+
+    run.__name__ = f"piecewise_{fn.__name__}"
+    return run
 
 
 #: Inductor chooses whether a CPU loop nest runs on several threads from the sizes of the first call;
@@ -209,7 +236,7 @@ def eager_kernel(fn: Callable) -> Callable:
     return run
 
 
-def fused_kernel(fn: Callable) -> Callable:
+def fused_kernel(fn: Callable, eager: Callable | None = None) -> Callable:
     """Return a runner of ``fn`` compiled by ``torch.compile`` over groups of tensors.
 
     ``fn`` is a single-tensor update written without data-dependent Python control flow, with its
@@ -221,13 +248,17 @@ def fused_kernel(fn: Callable) -> Callable:
     serves every group of the same length and every learning rate; Inductor emits one fused loop nest
     per tensor (C++/OpenMP on CPU, Triton on GPU), so the step makes close to one pass over memory
     instead of one pass per elementary op. Compiled on first use (seconds).
+
+    ``eager`` is what :meth:`ZooOptimizer._run_kernel` runs off the fused path, as
+    ``eager(tensors, scalars, **static)`` (the runner's ``eager`` attribute): by default ``fn`` itself
+    (whole tensors), :func:`piecewise` ``(fn)`` for an element-wise ``fn``, or a hand-written equivalent.
     """
 
     # The eager runner with a code object of its own: torch.compile keeps (a bounded number of)
     # graphs per code object.
-    eager = eager_kernel(fn)
-    over = types.FunctionType(eager.__code__.replace(co_name=f"fused_{fn.__name__}"), eager.__globals__,
-                              f"fused_{fn.__name__}", None, eager.__closure__)
+    unrolled = eager_kernel(fn)
+    over = types.FunctionType(unrolled.__code__.replace(co_name=f"fused_{fn.__name__}"), unrolled.__globals__,
+                              f"fused_{fn.__name__}", None, unrolled.__closure__)
     compiled: list[Callable] = []
 
     def run(items: Sequence[tuple], **static) -> list:
@@ -242,6 +273,7 @@ def fused_kernel(fn: Callable) -> Callable:
         return out
 
     run.__wrapped__ = fn  # type: ignore[attr-defined]
+    run.eager = eager or (lambda tensors, scalars, **static: fn(*tensors, *scalars, **static))  # type: ignore[attr-defined]
     run.__name__ = f"fused_{fn.__name__}"
     return run
 
@@ -339,14 +371,17 @@ class ZooOptimizer(CheckpointMixin, Optimizer):
 
     @staticmethod
     def _use_foreach(foreach: bool | None, tensors: Sequence[torch.Tensor]) -> bool:
-        """Resolve ``foreach=None``: use the multi-tensor path when every tensor is a plain tensor.
+        """Resolve ``foreach=None``: use the multi-tensor path when every tensor is a plain tensor or a
+        ``DTensor`` (FSDP2 shards).
 
         Unlike torch.optim we default to it on CPU too, where it was measured faster than the
-        single-tensor loop (ENVIRONMENT.md). DTensors take the single-tensor path by default.
+        single-tensor loop (ENVIRONMENT.md). On DTensors every zoo foreach path is tested exact against
+        one process (tests/test_distributed.py) and is the faster path (scripts/bench_distributed.py);
+        other tensor subclasses take the single-tensor path.
         """
         if foreach is not None:
             return foreach
-        return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+        return all(type(t) in (torch.Tensor, torch.nn.Parameter) or hasattr(t, "device_mesh") for t in tensors)
 
     def _path(self, group: dict, params: Sequence[torch.Tensor]) -> str:
         """``"fused"``, ``"foreach"`` or ``"single"`` for this group's ``fused``/``foreach`` flags."""
@@ -364,13 +399,13 @@ class ZooOptimizer(CheckpointMixin, Optimizer):
                     **static) -> list:
         """Run ``(tensors, scalars)`` items, one per parameter, through ``runner`` (a :func:`fused_kernel`):
         on the fused path flat views of the tensors it can take, the others (and everything off the fused
-        path) through its eager function. Results in item order."""
+        path) through its ``eager`` runner. Results in item order."""
         compiled = [i for i, (tensors, _) in enumerate(items) if fused and cls._fusable(*tensors)]
         results = runner([(*(t.view(-1) for t in items[i][0]), *items[i][1]) for i in compiled], **static)
         out = dict(zip(compiled, results))
         for i, (tensors, scalars) in enumerate(items):
             if i not in out:
-                out[i] = runner.__wrapped__(*tensors, *scalars, **static)
+                out[i] = runner.eager(tensors, scalars, **static)
         return [out[i] for i in range(len(items))]
 
     @staticmethod

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from ..ops.normalize import cosh_rms_brake, frobenius_normalize
-from ..ops.orthogonalize import newton_schulz, ns_compute_dtype
-from ._base import check_choice, check_int, check_range
+from ..ops.orthogonalize import newton_schulz_bytes
+from ._base import check_choice, check_range
 from ._matrix import MatrixOptimizer, adjusted_lr_scale
-from .muon import nesterov_momentum
+from .muon import check_ns, nesterov_momentum, orthogonalize_group
 
 __all__ = ["AuON", "HybridAuON"]
 
@@ -54,9 +54,9 @@ class AuON(MatrixOptimizer):
         variant: ``"paper"`` (default) or ``"packaged"``.
         gamma: the brake's temperature in the packaged variant, > 0 (default 1.5, package); unused by
             ``"paper"``.
-        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, foreach: see :class:`MatrixOptimizer`
-            (the original script gives the other parameters AdamW with ``lr = 0.1 x auon lr``; the
-            package's config Adam with lr 0.008, betas (0.8, 0.95)).
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, foreach, batch_budget: see
+            :class:`MatrixOptimizer` (the original script gives the other parameters AdamW with
+            ``lr = 0.1 x auon lr``; the package's config Adam with lr 0.008, betas (0.8, 0.95)).
 
     Differences from the official code, all deliberate: the brake is computed in float32 (the original
     script casts the momentum to bf16 first); ``p.grad`` is not modified (both official versions
@@ -78,10 +78,11 @@ class AuON(MatrixOptimizer):
         adamw_eps: float = 1e-10,
         adamw_weight_decay: float | None = None,
         foreach: bool | None = None,
+        batch_budget: float | None = None,
     ):
         super().__init__(params, self._defaults(lr, momentum, weight_decay, nesterov, variant, gamma),
                          adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-                         adamw_weight_decay=adamw_weight_decay, foreach=foreach)
+                         adamw_weight_decay=adamw_weight_decay, foreach=foreach, batch_budget=batch_budget)
 
     @staticmethod
     def _defaults(lr, momentum, weight_decay, nesterov, variant, gamma, **extra) -> dict:
@@ -130,10 +131,15 @@ class HybridAuON(AuON):
     Args:
         lr, momentum, weight_decay, nesterov, variant, gamma: as :class:`AuON` (lr default 0.24, the
             package's ``HybridAuON`` default).
-        ns_steps: Newton-Schulz iterations (default 1, the paper; the package uses 5).
-        ns_dtype: Newton-Schulz compute dtype: ``"auto"`` (default: bf16 on accelerators, float32 on
-            CPU), ``"bfloat16"`` or ``"float32"`` (the package iterates in the parameter dtype).
-        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, foreach: see :class:`MatrixOptimizer`.
+        ns_steps: Newton-Schulz iterations (default None: 1 with one coefficient triple, the paper (the
+            package uses 5); the schedule's length with a list).
+        ns_dtype: Newton-Schulz compute dtype: ``"auto"`` (default: bf16 on accelerators and on CPUs with
+            native bf16 matmuls, float32 on other CPUs), ``"bfloat16"`` or ``"float32"`` (the package
+            iterates in the parameter dtype).
+        ns_coefficients: the Newton-Schulz polynomial(s), as :class:`~optimzoo.optim.muon.Muon`
+            (default ``"muon"``, the paper's; ``"polar_express"`` runs its 5 iterations).
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, foreach, batch_budget: see
+            :class:`MatrixOptimizer`.
     """
 
     def __init__(
@@ -145,23 +151,29 @@ class HybridAuON(AuON):
         nesterov: bool = True,
         variant: str = "paper",
         gamma: float = 1.5,
-        ns_steps: int = 1,
+        ns_steps: int | None = None,
         ns_dtype: str = "auto",
+        ns_coefficients: str | tuple | list = "muon",
         *,
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
         adamw_weight_decay: float | None = None,
         foreach: bool | None = None,
+        batch_budget: float | None = None,
     ):
-        check_int("ns_steps", ns_steps, 1)
+        ns_steps = check_ns(ns_steps, ns_coefficients, default_steps=1)
         defaults = self._defaults(lr, momentum, weight_decay, nesterov, variant, gamma,
-                                  ns_steps=ns_steps, ns_dtype=ns_dtype)
+                                  ns_steps=ns_steps, ns_dtype=ns_dtype, ns_coefficients=ns_coefficients)
         MatrixOptimizer.__init__(self, params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
-                                 adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, foreach=foreach)
+                                 adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, foreach=foreach,
+                                 batch_budget=batch_budget)
+
+    def _transform_bytes(self, group, rows, cols):
+        return newton_schulz_bytes(rows, cols)  # the brake reuses what the iteration freed
 
     def _transform(self, group, U, rows):
-        X = newton_schulz(U, group["ns_steps"], dtype=ns_compute_dtype(group["ns_dtype"], U.device))
+        X = orthogonalize_group(group, U)
         if group["variant"] == "packaged":
             return cosh_rms_brake(X, group["gamma"], normalize=True)
         return cosh_rms_brake(X)

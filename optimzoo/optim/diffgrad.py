@@ -7,7 +7,8 @@ shivram1987/diffGrad ``diffGrad_v2.py`` (the fixed version its README recommends
 ``torch_optimizer/diffgrad.py`` at 19c3e41952b9), this module's test oracle.
 
 Layout (CONTRIBUTING.md): :func:`_single_tensor_diffgrad` (0-d tensor hyperparameters, no
-data-dependent control flow) is the eager single-tensor path and, compiled, the fused path;
+data-dependent control flow) is, compiled, the fused path and, run over cache-sized pieces, the eager
+single-tensor path;
 :func:`_multi_tensor_diffgrad` the ``torch._foreach_*`` path.
 """
 
@@ -27,6 +28,7 @@ from ._base import (
     foreach_adam_moments_,
     foreach_chunks,
     fused_kernel,
+    piecewise,
 )
 
 __all__ = ["DiffGrad"]
@@ -45,7 +47,7 @@ def _single_tensor_diffgrad(param, grad, exp_avg, exp_avg_sq, previous_grad, bet
     param.sub_(exp_avg * friction / denom * step_size)
 
 
-_fused_diffgrad = fused_kernel(_single_tensor_diffgrad)
+_fused_diffgrad = fused_kernel(_single_tensor_diffgrad, eager=piecewise(_single_tensor_diffgrad))
 
 
 def _multi_tensor_diffgrad(params, grads, exp_avgs, exp_avg_sqs, previous_grads, step_sizes, *, beta1, beta2, eps,

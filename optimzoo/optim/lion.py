@@ -23,7 +23,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..ops.kappa import KAPPAS, kappa_grad, kappa_grad_foreach
-from ..ops.orthogonalize import ns_compute_dtype
+from ..ops.orthogonalize import NS_DTYPES, ns_compute_dtype
 from ..ops.reduce import is_sharded
 from ._base import (
     ZooOptimizer,
@@ -35,6 +35,7 @@ from ._base import (
     check_range,
     foreach_chunks,
     fused_kernel,
+    piecewise,
 )
 
 __all__ = ["Lion", "LionK", "lion"]
@@ -97,6 +98,15 @@ def _single_tensor_lion(
     exp_avg.copy_(torch.addcmul(m * beta2, g, one_minus_beta2))
 
 
+#: the maps of one entry each: the single-tensor path runs them over cache-sized pieces
+_ELEMENTWISE = ("sign", "tanh", "huber", "relativistic")
+_piecewise_lion = piecewise(_single_tensor_lion)
+
+
+def _whole_lion(tensors, scalars, **static) -> None:
+    _single_tensor_lion(*tensors, *scalars, **static)
+
+
 # The fused kernels: ``_single_tensor_lion`` compiled, one per map. torch.compile keeps at most
 # ``recompile_limit`` (8) graphs per code object and, with ``fullgraph=True``, fails hard past it;
 # giving each map its own (one-line) code object gives each its own budget for dtypes and devices.
@@ -141,6 +151,7 @@ def _multi_tensor_lion(
     p: float,
     a: float,
     ns_steps: int,
+    ns_dtype: str = "auto",
 ) -> None:
     """The same update with ``torch._foreach_*`` ops, tensors grouped by device and dtype; for the
     element-wise maps (``sign``, ``tanh``) run in cache-sized chunks
@@ -153,11 +164,11 @@ def _multi_tensor_lion(
         chunks = foreach_chunks(tensors) if kappa in ("sign", "tanh") else [(tensors, None)]
         for (dev_params, dev_grads, dev_avgs), _ in chunks:
             _foreach_lion_(dev_params, dev_grads, dev_avgs, device, lr=lr, beta1=beta1, beta2=beta2,
-                           weight_decay=weight_decay, kappa=kappa, p=p, a=a, ns_steps=ns_steps)
+                           weight_decay=weight_decay, kappa=kappa, p=p, a=a, ns_steps=ns_steps, ns_dtype=ns_dtype)
 
 
 def _foreach_lion_(dev_params, dev_grads, dev_avgs, device, *, lr, beta1, beta2, weight_decay, kappa, p, a,
-                   ns_steps) -> None:
+                   ns_steps, ns_dtype) -> None:
     """The foreach update of tensors on one device with one dtype."""
     decay = 1.0 - lr * weight_decay
     low = [t.dtype in _LOW_PRECISION for t in dev_params]
@@ -177,7 +188,7 @@ def _foreach_lion_(dev_params, dev_grads, dev_avgs, device, *, lr, beta1, beta2,
         update = c
     else:
         update = kappa_grad_foreach(kappa, c, p=p_t, a=a_t, ns_steps=ns_steps,
-                                    ns_dtype=ns_compute_dtype("auto", device))
+                                    ns_dtype=ns_compute_dtype(ns_dtype, device))
     if decay != 1.0:
         torch._foreach_mul_(w, decay)
     torch._foreach_add_(w, update, alpha=-lr)
@@ -202,6 +213,7 @@ def lion(
     p: float = 1.5,
     a: float = 1.0,
     ns_steps: int = 5,
+    ns_dtype: str = "auto",
     foreach: bool = False,
     fused: bool = False,
 ) -> None:
@@ -209,7 +221,8 @@ def lion(
 
     ``fused`` (``torch.compile``-generated kernel, one per tensor) takes precedence over ``foreach``,
     except for ``kappa="nuclear"``, whose Newton-Schulz matmuls are not fused: that map runs the
-    foreach (same-shape matrices orthogonalized together) or single-tensor path instead.
+    foreach (same-shape matrices orthogonalized together) or single-tensor path instead; on sharded
+    (``DTensor``) parameters the single-tensor path, which gathers each matrix whole.
     """
     keep = [i for i, t in enumerate(params) if t.numel() > 0]  # nothing to do for empty tensors
     params, grads, exp_avgs = ([x[i] for i in keep] for x in (params, grads, exp_avgs))
@@ -218,16 +231,17 @@ def lion(
     if fused and kappa != "nuclear":
         _fused_path(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                     kappa=kappa, p=p, a=a)
-    elif foreach:
+    elif foreach and not (kappa == "nuclear" and any(is_sharded(t) for t in params)):
         _multi_tensor_lion(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2,
-                           weight_decay=weight_decay, kappa=kappa, p=p, a=a, ns_steps=ns_steps)
+                           weight_decay=weight_decay, kappa=kappa, p=p, a=a, ns_steps=ns_steps, ns_dtype=ns_dtype)
     else:
         scalars: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         for param, grad, exp_avg in zip(params, grads, exp_avgs):
             if param.device not in scalars:
                 scalars[param.device] = _kernel_scalars(param.device, lr, beta1, beta2, weight_decay, p, a)
-            _single_tensor_lion(param, grad, exp_avg, *scalars[param.device], kappa=kappa, ns_steps=ns_steps,
-                                ns_dtype=ns_compute_dtype("auto", param.device))
+            run = _piecewise_lion if kappa in _ELEMENTWISE else _whole_lion
+            run((param, grad, exp_avg), scalars[param.device], kappa=kappa, ns_steps=ns_steps,
+                ns_dtype=ns_compute_dtype(ns_dtype, param.device))
 
 
 def _kernel_scalars(device, lr, beta1, beta2, weight_decay, p, a) -> tuple[torch.Tensor, ...]:
@@ -389,8 +403,8 @@ class LionK(Lion):
             * ``"tanh"``: ``tanh(a c)`` (``K = sum (1/a) log cosh(a c_i)``);
             * ``"relativistic"``: ``c / sqrt(c^2 + a^2)`` (``K = sum sqrt(c_i^2 + a^2)``);
             * ``"nuclear"``: the polar factor ``U V^T`` of ``c`` viewed as ``(size(0), -1)``, by
-              ``ns_steps`` Newton-Schulz steps (``K`` = nuclear norm; Muon without its shape scale),
-              bf16 on accelerators and float32 on CPU as Muon's ``ns_dtype="auto"``. **1-D tensors
+              ``ns_steps`` Newton-Schulz steps in ``ns_dtype`` (``K`` = nuclear norm; Muon without its
+              shape scale). **1-D tensors
               use** ``sign`` (plain Lion for gains and biases).
 
             Zero momentum gives a zero update (no NaN). Non-finite gradients propagate into the
@@ -402,10 +416,13 @@ class LionK(Lion):
         a: the scale ``a > 0`` of ``"huber"``, ``"tanh"`` and ``"relativistic"`` (default 1.0); those
             maps are not scale-invariant, so ``a`` should be set relative to the momentum's magnitude.
         ns_steps: Newton-Schulz iterations of ``"nuclear"`` (integer >= 1, default 5).
+        ns_dtype: their compute dtype, as Muon's: ``"auto"`` (default: bf16 on accelerators and on CPUs
+            that multiply bf16 natively, float32 on other CPUs, :func:`~optimzoo.ops.orthogonalize.ns_compute_dtype`),
+            ``"bfloat16"`` or ``"float32"``.
         fused: as :class:`Lion`; with ``kappa="nuclear"`` it falls back to the foreach/single-tensor
             path (the step is dominated by Newton-Schulz matmuls, which fusing would not speed up).
 
-    Groups may override ``kappa``, ``p``, ``a`` and ``ns_steps`` (e.g. ``"nuclear"`` for hidden
+    Groups may override ``kappa``, ``p``, ``a``, ``ns_steps`` and ``ns_dtype`` (e.g. ``"nuclear"`` for hidden
     matrices, ``"sign"`` for the rest). State: ``exp_avg`` only, as Lion.
     """
 
@@ -419,12 +436,13 @@ class LionK(Lion):
         p: float = 1.5,
         a: float = 1.0,
         ns_steps: int = 5,
+        ns_dtype: str = "auto",
         *,
         foreach: bool | None = None,
         fused: bool | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, kappa=kappa, p=p, a=a,
-                        ns_steps=ns_steps, foreach=foreach, fused=fused)
+                        ns_steps=ns_steps, ns_dtype=ns_dtype, foreach=foreach, fused=fused)
         self._validate(defaults)
         defaults["betas"] = tuple(betas)
         ZooOptimizer.__init__(self, params, defaults)
@@ -435,7 +453,8 @@ class LionK(Lion):
         check_range("p", group["p"], 1.0)
         check_range("a", group["a"], 0.0, low_open=True)
         check_int("ns_steps", group["ns_steps"], 1)
+        check_choice("ns_dtype", group["ns_dtype"], NS_DTYPES)
 
     def _kappa(self, group: dict[str, Any]) -> dict[str, Any]:
         return {"kappa": group["kappa"], "p": float(group["p"]), "a": float(group["a"]),
-                "ns_steps": group["ns_steps"]}
+                "ns_steps": group["ns_steps"], "ns_dtype": group["ns_dtype"]}

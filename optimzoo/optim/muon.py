@@ -13,11 +13,11 @@ import math
 
 import torch
 
-from ..ops.orthogonalize import newton_schulz, ns_compute_dtype
+from ..ops.orthogonalize import newton_schulz, newton_schulz_bytes, ns_compute_dtype, ns_schedule
 from ._base import check_int, check_range
 from ._matrix import MatrixOptimizer
 
-__all__ = ["Muon", "NorMuon", "nesterov_momentum", "normuon_normalize"]
+__all__ = ["Muon", "NorMuon", "check_ns", "nesterov_momentum", "normuon_normalize", "orthogonalize_group"]
 
 
 def nesterov_momentum(grads: list[torch.Tensor], bufs: list[torch.Tensor], beta: float, nesterov: bool,
@@ -36,6 +36,22 @@ def nesterov_momentum(grads: list[torch.Tensor], bufs: list[torch.Tensor], beta:
     return out
 
 
+def check_ns(ns_steps: int | None, ns_coefficients, default_steps: int = 5) -> int:
+    """Validate ``ns_steps`` (an integer >= 1, or None) and ``ns_coefficients`` together (see
+    :func:`optimzoo.ops.orthogonalize.ns_schedule`; ``ValueError`` naming the bad one) and return the
+    number of iterations (``None``: ``default_steps`` for one triple, a schedule's length)."""
+    if ns_steps is not None:
+        check_int("ns_steps", ns_steps, 1)
+    return len(ns_schedule(ns_coefficients, ns_steps, default_steps))
+
+
+def orthogonalize_group(group: dict, U: torch.Tensor) -> torch.Tensor:
+    """Newton-Schulz of the stack ``U`` with the group's ``ns_steps``, ``ns_coefficients`` and ``ns_dtype``
+    (groups saved before ``ns_coefficients`` existed ran Muon's coefficients, the default)."""
+    return newton_schulz(U, group["ns_steps"], group.get("ns_coefficients", "muon"),
+                         dtype=ns_compute_dtype(group["ns_dtype"], U.device))
+
+
 class Muon(MatrixOptimizer):
     r"""Muon for hidden matrices, AdamW for the other parameters, in one optimizer.
 
@@ -47,7 +63,7 @@ class Muon(MatrixOptimizer):
         O &= \mathrm{NS}_5(U) \approx \text{polar factor } U V^\top \text{ of } U \\
         W &\leftarrow W (1 - \eta\lambda) - \eta\, s(m, n)\, O
 
-    with ``NS_5`` the quintic Newton-Schulz iteration (coefficients 3.4445, -4.7750, 2.0315) (bf16 on accelerators)
+    with ``NS_5`` the quintic Newton-Schulz iteration (coefficients 3.4445, -4.7750, 2.0315; see ``ns_dtype``)
     (:func:`optimzoo.ops.orthogonalize.newton_schulz`) and ``s = sqrt(max(1, m/n))``. Same-shape
     matrices are orthogonalized together in one batched chain of matmuls. Vector parameters
     (embeddings, LM head, gains, biases) take an AdamW step; see :class:`MatrixOptimizer`.
@@ -58,12 +74,20 @@ class Muon(MatrixOptimizer):
         momentum: ``beta`` of the momentum EMA, in [0, 1) (default 0.95).
         weight_decay: decoupled weight decay of matrix groups, ``W <- W (1 - lr wd)`` (default 0).
         nesterov: use the Nesterov form ``U = lerp(g, M, beta)`` (default True, as the official code).
-        ns_steps: Newton-Schulz iterations (default 5).
-        ns_dtype: compute dtype of Newton-Schulz: ``"auto"`` (default: bf16 on accelerators, as Muon;
-            float32 on CPU, where bf16 matmuls are emulated and ~100x slower), ``"bfloat16"`` or ``"float32"``.
+        ns_steps: Newton-Schulz iterations (default None: 5 with one coefficient triple, the schedule's
+            length with a list; a given value must match a list's length).
+        ns_dtype: compute dtype of Newton-Schulz: ``"auto"`` (default: bf16 on accelerators, as Muon, and
+            on CPUs that multiply bf16 natively (AVX512-BF16/AMX); float32 on other CPUs, where bf16 matmuls
+            are emulated and ~100x slower), ``"bfloat16"`` or ``"float32"``
+            (:func:`optimzoo.ops.orthogonalize.ns_compute_dtype`).
         adjust_lr: the shape-dependent lr factor ``s``: ``"keller"`` (default), ``"match_adamw"``
             (``0.2 sqrt(max(m, n))``, update RMS ~ 0.2 lr so AdamW's lr/wd transfer), or ``None``.
-        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, foreach: see :class:`MatrixOptimizer`.
+        ns_coefficients: the Newton-Schulz polynomial(s): ``"muon"`` (default: ``(3.4445, -4.7750, 2.0315)``
+            every iteration), ``"polar_express"`` (5 per-iteration triples, Amsel et al. 2025, as
+            modded-nanogpt's NorMuon records), one ``(a, b, c)`` triple, or a list of triples, one per
+            iteration (:func:`optimzoo.ops.orthogonalize.ns_schedule`).
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, foreach, batch_budget: see
+            :class:`MatrixOptimizer`.
 
     Differences from the official code, all deliberate: ``p.grad`` is not modified (the official
     Nesterov step overwrites it); parameters without a gradient are skipped (the official code
@@ -79,22 +103,24 @@ class Muon(MatrixOptimizer):
         momentum: float = 0.95,
         weight_decay: float = 0.0,
         nesterov: bool = True,
-        ns_steps: int = 5,
+        ns_steps: int | None = None,
         ns_dtype: str = "auto",
         adjust_lr: str | None = "keller",
+        ns_coefficients: str | tuple | list = "muon",
         *,
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
         adamw_weight_decay: float | None = None,
         foreach: bool | None = None,
+        batch_budget: float | None = None,
     ):
         check_range("momentum", momentum, 0.0, 1.0, high_open=True)
-        check_int("ns_steps", ns_steps, 1)
+        ns_steps = check_ns(ns_steps, ns_coefficients)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=bool(nesterov),
-                        ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr=adjust_lr)
+                        ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr=adjust_lr, ns_coefficients=ns_coefficients)
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-                         adamw_weight_decay=adamw_weight_decay, foreach=foreach)
+                         adamw_weight_decay=adamw_weight_decay, foreach=foreach, batch_budget=batch_budget)
 
     def _init_state(self, group, p, state):
         state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -105,7 +131,11 @@ class Muon(MatrixOptimizer):
                                  self._use_foreach(group["foreach"], params))
 
     def _transform(self, group, U, rows):
-        return newton_schulz(U, group["ns_steps"], dtype=ns_compute_dtype(group["ns_dtype"], U.device))
+        return orthogonalize_group(group, U)
+
+    def _transform_bytes(self, group, rows, cols):
+        # float32 upper bound; NorMuon's normalization reuses what the iteration freed (measured equal)
+        return newton_schulz_bytes(rows, cols)
 
 
 def normuon_normalize(O: torch.Tensor, V: torch.Tensor, beta2: float, eps: float = 1e-10,
@@ -173,14 +203,18 @@ class NorMuon(Muon):
         weight_decay: decoupled weight decay of matrix groups, ``W <- W (1 - lr wd)`` (default 0; the
             README recommends 0.01).
         nesterov: Nesterov form ``U = lerp(g, M, beta)`` (default True, as the official code).
-        ns_steps: Newton-Schulz iterations (default 5).
+        ns_steps: Newton-Schulz iterations (default None: 5, or the length of a coefficient schedule).
         ns_dtype: Newton-Schulz compute dtype, ``"auto"`` (default: bf16 on accelerators as the official
-            code, float32 on CPU), ``"bfloat16"`` or ``"float32"``. The normalization is float32 always.
+            code and on CPUs with native bf16 matmuls, float32 on other CPUs), ``"bfloat16"`` or
+            ``"float32"``. The normalization is float32 always.
         adjust_lr: ``"keller"`` (default: restore ``||O||_F``, lr factor ``sqrt(max(1, m/n))``, official
             code), ``"match_adamw"`` (paper: update RMS exactly ``0.2 lr``) or ``None``.
         eps: added to ``sqrt(v)`` and to the norm in the rescale (default 1e-10, official code).
-        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, foreach: see :class:`MatrixOptimizer`
-            (defaults as the official ``SingleDeviceNorMuonWithAuxAdam``: 3e-4, (0.9, 0.95), 1e-10, 0).
+        ns_coefficients: as :class:`Muon` (default ``"muon"``; ``"polar_express"`` is the schedule of
+            modded-nanogpt's NorMuon records).
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, foreach, batch_budget: see
+            :class:`MatrixOptimizer` (AdamW defaults as the official ``SingleDeviceNorMuonWithAuxAdam``:
+            3e-4, (0.9, 0.95), 1e-10, 0).
 
     State per matrix: ``momentum_buffer`` (like ``W``) and ``second_momentum_buffer`` (float32,
     ``(m, 1)``): 4 + 4/cols bytes per parameter.
@@ -206,28 +240,32 @@ class NorMuon(Muon):
         beta2: float = 0.95,
         weight_decay: float = 0.0,
         nesterov: bool = True,
-        ns_steps: int = 5,
+        ns_steps: int | None = None,
         ns_dtype: str = "auto",
         adjust_lr: str | None = "keller",
         eps: float = 1e-10,
+        ns_coefficients: str | tuple | list = "muon",
         *,
         adamw_lr: float = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
         adamw_weight_decay: float | None = None,
         foreach: bool | None = None,
+        batch_budget: float | None = None,
     ):
         check_range("momentum", momentum, 0.0, 1.0, high_open=True)
         check_range("beta2", beta2, 0.0, 1.0, high_open=True)
-        check_int("ns_steps", ns_steps, 1)
+        ns_steps = check_ns(ns_steps, ns_coefficients)
         check_range("eps", eps, 0.0, low_open=True)
         defaults = dict(lr=lr, momentum=momentum, beta2=beta2, weight_decay=weight_decay, nesterov=bool(nesterov),
-                        ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr=adjust_lr, eps=eps)
+                        ns_steps=ns_steps, ns_dtype=ns_dtype, adjust_lr=adjust_lr, eps=eps,
+                        ns_coefficients=ns_coefficients)
         MatrixOptimizer.__init__(self, params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
-                                 adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, foreach=foreach)
+                                 adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, foreach=foreach,
+                                 batch_budget=batch_budget)
 
     def _transform(self, group, U, rows):
-        O = newton_schulz(U, group["ns_steps"], dtype=ns_compute_dtype(group["ns_dtype"], U.device))
+        O = orthogonalize_group(group, U)
         target = 0.2 if group["adjust_lr"] == "match_adamw" else None
         return normuon_normalize(O, rows["second_momentum_buffer"], group["beta2"], group["eps"], target)
 

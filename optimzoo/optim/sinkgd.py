@@ -43,7 +43,8 @@ class SinkGD(MatrixOptimizer):
         eps: lower bound of the row and column norms (default 1e-8, third-party; the paper has none).
         weight_decay: decoupled weight decay of matrix groups (default 0; not part of the paper's
             algorithm).
-        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, foreach: see :class:`MatrixOptimizer`.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, foreach, batch_budget: see
+            :class:`MatrixOptimizer`.
             (The paper's runs use Adam with the global lr, 0.02 in the third-party configuration.)
     """
 
@@ -60,12 +61,13 @@ class SinkGD(MatrixOptimizer):
         adamw_eps: float = 1e-10,
         adamw_weight_decay: float | None = None,
         foreach: bool | None = None,
+        batch_budget: float | None = None,
     ):
         check_int("iterations", iterations, 1)
         check_range("eps", eps, 0.0, low_open=True)
         defaults = dict(lr=lr, iterations=iterations, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-                         adamw_weight_decay=adamw_weight_decay, foreach=foreach)
+                         adamw_weight_decay=adamw_weight_decay, foreach=foreach, batch_budget=batch_budget)
 
     def _transform(self, group, U, rows):
         return sr_sinkhorn(U, group["iterations"], group["eps"])

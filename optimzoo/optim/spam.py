@@ -9,8 +9,10 @@
 
 There is no faithful peer package (pytorch-optimizer's versions clip a copy of the gradient); the tests
 compare against transliterations of the official code. Layout (CONTRIBUTING.md): ``_single_tensor_*``
-(0-d tensor hyperparameters, no data-dependent Python control flow) is the eager single-tensor path and,
-compiled, the fused path; ``_multi_tensor_*`` uses ``torch._foreach_*`` for the element-wise Adam part.
+(0-d tensor hyperparameters, no data-dependent Python control flow) is, compiled, the fused path and,
+run over cache-sized pieces, the eager single-tensor path (Stable-SPAM's: :func:`_piecewise_stable_spam`,
+also its foreach path: each tensor's update waits on two reductions of its own gradient, so there is
+nothing for ``torch._foreach_*`` to batch); ``_multi_tensor_spam`` uses ``torch._foreach_*``.
 Decisions that depend only on the step count (resets, clipping gates) are taken on the host and passed
 to the kernels as static flags.
 """
@@ -20,9 +22,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from ..ops.kappa import tensor_abs_max, tensor_l2_norm, tensor_sum
+from ..ops.reduce import local_tensor, reduce_shards_many
 from ._base import (
     ZooOptimizer,
     check_betas,
@@ -30,8 +34,10 @@ from ._base import (
     check_lr,
     check_paths,
     check_range,
+    chunk_views,
     foreach_adam_moments_,
     fused_kernel,
+    piecewise,
 )
 
 __all__ = ["SPAM", "StableSPAM"]
@@ -79,7 +85,7 @@ def _single_tensor_spam(param, grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1
     return clipped
 
 
-_fused_spam = fused_kernel(_single_tensor_spam)
+_fused_spam = fused_kernel(_single_tensor_spam, eager=piecewise(_single_tensor_spam))
 
 
 def _multi_tensor_spam(params, grads, exp_avgs, exp_avg_sqs, step_sizes, *, beta1, beta2, eps, neg_lr_wd, threshold,
@@ -113,6 +119,12 @@ def _multi_tensor_spam(params, grads, exp_avgs, exp_avg_sqs, step_sizes, *, beta
 # --------------------------------------------------------------------------------------------
 
 
+def _adaclip(grad, gmax, threshold):
+    """AdaClip's mask and clipped gradient: entries above ``threshold`` scaled by ``threshold / gmax``."""
+    mask = grad.abs() > threshold
+    return mask, torch.where(mask, grad / gmax * threshold, grad)
+
+
 def _single_tensor_stable_spam(param, grad, exp_avg, exp_avg_sq, m_norm, v_norm, m_max, decay, theta,
                                one_minus_theta, bc_theta, gamma1, one_minus_gamma1, bc_gamma1, gamma2,
                                one_minus_gamma2, bc_gamma2, eps, beta1, one_minus_beta1, beta2, one_minus_beta2,
@@ -128,8 +140,7 @@ def _single_tensor_stable_spam(param, grad, exp_avg, exp_avg_sq, m_norm, v_norm,
     gmax = tensor_abs_max(grad).float()
     m_max.copy_(m_max * theta + gmax * one_minus_theta)
     threshold = m_max / bc_theta
-    mask = grad.abs() > threshold
-    clipped_grad = torch.where(mask, grad / gmax * threshold, grad)
+    mask, clipped_grad = _adaclip(grad, gmax, threshold)
     # AdaGN: the gradient rescaled to norm c = m^_norm / (sqrt(v^_norm) + eps)
     norm = tensor_l2_norm(clipped_grad.float())
     m_norm.copy_(m_norm * gamma1 + norm * one_minus_gamma1)
@@ -149,7 +160,64 @@ def _single_tensor_stable_spam(param, grad, exp_avg, exp_avg_sq, m_norm, v_norm,
     return count_true(mask), c
 
 
-_fused_stable_spam = fused_kernel(_single_tensor_stable_spam)
+def _piecewise_stable_spam(items, zero_before: bool = False, zero_after: bool = False) -> list[tuple]:
+    """:func:`_single_tensor_stable_spam` for a list of ``(tensors, scalars)`` items, the eager path: three
+    passes over cache-sized pieces (:func:`chunk_views`) of each tensor: ``max |g|``; the clipped
+    gradient's norm and clip count; the update, with the clipped gradient recomputed piece by piece
+    rather than kept. Temporaries are piece-sized, not tensor-sized. The same arithmetic element by
+    element; the norm is summed piece by piece (float32 rounding of the order only). On ``DTensor`` s
+    the pieces are of the local shards and the reductions are all-reduced over the shards, one
+    all-reduce per reduction for all the items sharded alike (:func:`reduce_shards_many`).
+    Returns ``(clipped count, AdaGN scale)`` per item."""
+    pieces = [chunk_views([local_tensor(t) for t in tensors]) for tensors, _ in items]
+    grads = [tensors[1] for tensors, _ in items]
+    device = items[0][1][0].device
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    local_max = [torch.stack([torch.linalg.vector_norm(g, math.inf).float() if g.numel() else zero
+                              for _, g, _, _ in ps]).amax() for ps in pieces]  # |g| >= 0: an empty shard adds 0
+    gmaxes = reduce_shards_many(local_max, grads, dist.ReduceOp.MAX)
+    thresholds, sums = [], []
+    for (_, scalars), ps, gmax in zip(items, pieces, gmaxes):
+        m_max, theta, one_minus_theta, bc_theta = scalars[2], *scalars[4:7]
+        m_max.copy_(m_max * theta + gmax * one_minus_theta)
+        threshold = m_max / bc_theta
+        sumsq, clipped = zero.clone(), zero.clone()
+        for _, g, _, _ in ps:
+            mask, c = _adaclip(g, gmax, threshold)
+            c = c.float()
+            sumsq += (c * c).sum()
+            clipped += mask.sum(dtype=torch.float32)
+        thresholds.append(threshold)
+        sums.append(torch.stack([sumsq, clipped]))
+    sums = reduce_shards_many(sums, grads, dist.ReduceOp.SUM)
+    out = []
+    for (_, scalars), ps, gmax, threshold, (sumsq, clipped) in zip(items, pieces, gmaxes, thresholds, sums):
+        (m_norm, v_norm, _, decay, _, _, _, gamma1, one_minus_gamma1, bc_gamma1, gamma2, one_minus_gamma2,
+         bc_gamma2, eps, beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, step_size) = scalars
+        norm = sumsq.sqrt()
+        m_norm.copy_(m_norm * gamma1 + norm * one_minus_gamma1)
+        v_norm.copy_(v_norm * gamma2 + norm * norm * one_minus_gamma2)
+        c = (m_norm / bc_gamma1) / ((v_norm / bc_gamma2).sqrt() + eps)
+        for p, g, m, v in ps:
+            _, g = _adaclip(g, gmax, threshold)
+            g = torch.where(norm > 0, g / norm * c, g)
+            if zero_before:
+                m.zero_()
+                v.zero_()
+            m.mul_(beta1).add_(g * one_minus_beta1)
+            v.mul_(beta2).add_(g * g * one_minus_beta2)
+            p.mul_(decay)
+            p.sub_(m / (v.sqrt() / bc2_sqrt + eps) * step_size)
+            if zero_after:
+                m.zero_()
+                v.zero_()
+        out.append((clipped, c))
+    return out
+
+
+_fused_stable_spam = fused_kernel(
+    _single_tensor_stable_spam,
+    eager=lambda tensors, scalars, **flags: _piecewise_stable_spam([(tensors, scalars)], **flags)[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,7 +497,7 @@ class StableSPAM(_SpikeAware):
         gamma1 = group["gamma1"] * scale
         theta, gamma2 = group["gamma3"], group["gamma2"]
         lr, eps, fix = float(group["lr"]), group["eps"], group["reset_fix"]
-        use_fused = self._path(group, [p for p, _ in pairs]) == "fused"
+        path = self._path(group, [p for p, _ in pairs])
         flags = dict(zero_before=reset and fix, zero_after=reset and not fix)
         items, entries = [], 0
         for p, g in pairs:
@@ -454,5 +522,10 @@ class StableSPAM(_SpikeAware):
             # the tensor's 0-d statistics travel with the scalars (they are not flattened)
             items.append(((p, g, m, v), (state["m_norm"], state["v_norm"], state["m_max"], *scalars)))
             entries += p.numel()
-        results = self._run_kernel(_fused_stable_spam, items, use_fused, **flags)
+        if path == "fused":
+            results = self._run_kernel(_fused_stable_spam, items, True, **flags)
+        elif path == "foreach":
+            results = _piecewise_stable_spam(items, **flags)  # the reductions of all tensors batched
+        else:
+            results = [r for item in items for r in _piecewise_stable_spam([item], **flags)]
         self._count(entries, [c for c, _ in results], [s for _, s in results])

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..ops.normalize import row_standardize
+from ..ops.orthogonalize import newton_schulz_bytes
 from ..ops.whiten import WHITENING_METHODS, whiten
 from ._base import check_choice, check_int, check_range
 from ._matrix import MatrixOptimizer
@@ -66,7 +67,8 @@ class SWAN(MatrixOptimizer):
             ``sqrt(min(m, n))`` (RMS about ``1 / sqrt(max(m, n))``).
         eps: GradNorm's ``epsilon`` (added to each row's std), also added to the Frobenius norms of the
             whitening and the rescale (default 1e-8, third-party).
-        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, foreach: see :class:`MatrixOptimizer`.
+        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay, foreach, batch_budget: see
+            :class:`MatrixOptimizer`.
             (The papers' runs use Adam with the global lr, 0.01-0.02 in the GaLore benchmark, for these.)
 
     The paper's NSDS variant ("Newton-Schulz with diagonal substitution") is not implemented: its
@@ -89,6 +91,7 @@ class SWAN(MatrixOptimizer):
         adamw_eps: float = 1e-10,
         adamw_weight_decay: float | None = None,
         foreach: bool | None = None,
+        batch_budget: float | None = None,
     ):
         check_choice("whitening", whitening, WHITENING_METHODS)
         check_int("ns_steps", ns_steps, 1)
@@ -97,7 +100,10 @@ class SWAN(MatrixOptimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, whitening=whitening, ns_steps=ns_steps,
                         ns_beta=ns_beta, rescale=bool(rescale), eps=eps)
         super().__init__(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-                         adamw_weight_decay=adamw_weight_decay, foreach=foreach)
+                         adamw_weight_decay=adamw_weight_decay, foreach=foreach, batch_budget=batch_budget)
+
+    def _transform_bytes(self, group, rows, cols):
+        return newton_schulz_bytes(rows, cols)  # GradNorm's output is the whitening's (float32) input
 
     def _transform(self, group, U, rows):
         eps = group["eps"]

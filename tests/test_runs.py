@@ -1,0 +1,249 @@
+"""optimzoo.hf.runs (run identity, run clock) and the comparison's statistics (seeds, intervals, speedup fit)."""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("scipy")
+
+from optimzoo.hf.runs import RunClock, clock_summary, contended, run_identity, settings_diff  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import compare_runs  # noqa: E402
+import sweep  # noqa: E402
+
+
+@dataclass
+class _Data:
+    max_length: int = 256
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class _Train:
+    max_steps: int = 12
+    seed: int = 0
+    output_dir: str = "runs/a"
+    logging_steps: int = 10
+
+
+def test_identity_changes_with_a_result_setting_and_names_it():
+    base = run_identity(_Data(), _Train(), world_size=1, model_config={"hidden_size": 128})
+    assert base == run_identity(_Data(), _Train(), world_size=1, model_config={"hidden_size": 128})  # stable
+    same = run_identity(_Data(), _Train(output_dir="elsewhere", logging_steps=1), world_size=1,
+                        model_config={"hidden_size": 128})
+    assert same["hash"] == base["hash"]  # where it writes and how often it logs change nothing
+    for changed, key in ((run_identity(_Data(), _Train(max_steps=400), world_size=1,
+                                       model_config={"hidden_size": 128}), "max_steps"),
+                         (run_identity(_Data(max_length=128), _Train(), world_size=1,
+                                       model_config={"hidden_size": 128}), "max_length"),
+                         (run_identity(_Data(), _Train(), world_size=2, model_config={"hidden_size": 128}),
+                          "world_size"),
+                         (run_identity(_Data(), _Train(), world_size=1, model_config={"hidden_size": 256}),
+                          "model_config_values")):
+        assert changed["hash"] != base["hash"]
+        assert list(settings_diff(base["settings"], changed["settings"])) == [key]
+    assert set(base["settings"]["versions"]) == {"optimzoo", "torch", "transformers"}
+
+
+def test_identity_refuses_one_setting_given_twice_differently():
+    with pytest.raises(ValueError, match="max_steps"):
+        run_identity(_Train(), {"max_steps": 5}, world_size=1)
+
+
+def test_settings_diff_counts_a_missing_key_as_different():
+    assert settings_diff({"a": 1, "b": 2}, {"a": 1}) == {"b": (2, "<not recorded>")}
+    assert settings_diff({"a": 1, "seed": 0}, {"a": 1, "seed": 1}, ignore={"seed"}) == {}
+
+
+def test_clock_state_round_trips_and_sums_sessions():
+    first = RunClock()
+    first.sessions, first.wall_s, first.cpu_s, first.step_ms, first.load = 1, 10.0, 18.0, [5.0, 7.0, 6.0], [2.1]
+    saved = first.state()
+    again = RunClock.from_state(saved)  # what transformers does with restore_callback_states_from_checkpoint
+    assert again.state() == saved
+    summary = clock_summary(saved)
+    assert summary["sessions"] == 1 and summary["steps_timed"] == 3 and summary["median_step_s"] == 0.006
+    assert clock_summary(None) is None
+
+
+def test_contention_is_the_median_load_above_cores_plus_one_thread():
+    assert contended([], 2) is None
+    assert contended([2.0, 2.9, 3.0], 2) is False  # this run's own threads keep the load near the cores
+    assert contended([3.2, 3.5, 1.0], 2) is True
+
+
+# ---------------------------------------------------------------- seeds
+
+
+def _run(optim: str, lr: float, seed: int, loss: float, settings: dict | None = None,
+         tokens: float = 1e5) -> compare_runs.Run:
+    base = {"max_steps": int(tokens // 1000), "max_length": 256, "optim": optim, "learning_rate": lr, "seed": seed}
+    return compare_runs.Run(name=f"{optim}-{lr}-{seed}", optim=optim, lr=lr, seed=seed, eval_loss=loss,
+                            settings={**base, **(settings or {})},
+                            records=[{"step": 12.0, "tokens": tokens, "eval_loss": loss}])
+
+
+def test_best_lr_is_chosen_by_the_mean_over_seeds_not_the_luckiest_run():
+    runs = [_run("adamw", 1e-3, 0, 2.0), _run("adamw", 1e-3, 1, 3.0),  # luckiest single run, mean 2.5
+            _run("adamw", 3e-3, 0, 2.2), _run("adamw", 3e-3, 1, 2.3),  # mean 2.25: the best lr
+            _run("adamw", 1e-2, 0, 2.9), _run("adamw", 1e-2, 1, 2.8)]
+    (res,) = compare_runs.aggregate(runs)
+    assert res.best.lr == 3e-3 and res.best.n == 2 and res.best.seeds == [0, 1]
+    assert res.best.mean == pytest.approx(2.25) and res.best.std == pytest.approx(math.sqrt(0.005))
+    assert not res.edge
+    (edge,) = compare_runs.aggregate(runs[:4])
+    assert edge.edge and sweep.extension(edge, [1e-3, 3e-3]) == 0.009  # the grid's own ratio beyond the edge
+
+
+def test_t_interval_uses_the_t_quantile():
+    low, high = compare_runs.t_interval([1.0, 2.0, 3.0])
+    p = 0.975  # Student t with 2 degrees of freedom has the closed-form quantile (2p - 1) / sqrt(2p(1 - p))
+    half = (2 * p - 1) / math.sqrt(2 * p * (1 - p)) / math.sqrt(3)
+    assert (low, high) == pytest.approx((2.0 - half, 2.0 + half), rel=1e-9)
+    assert compare_runs.t_interval([1.0]) is None
+
+
+def test_runs_with_other_settings_are_refused_and_named():
+    runs = [_run("adamw", 3e-3, 0, 2.0), _run("lion", 1e-4, 0, 2.1, {"max_length": 128})]
+    message = compare_runs.check_settings(runs, "the runs")
+    assert "max_length" in message and "128" in message and "256" in message
+    with pytest.raises(ValueError, match="max_length.*--allow-mixed"):
+        compare_runs.compare(runs, [])
+    results, rows, _, note = compare_runs.compare(runs, [], allow_mixed=True)
+    assert len(rows) == 2 and "max_length" in note
+    with pytest.raises(ValueError, match="max_steps"):  # seeds of one (optimizer, lr) must agree in all else
+        compare_runs.aggregate([_run("adamw", 3e-3, 0, 2.0), _run("adamw", 3e-3, 1, 2.0, {"max_steps": 13})])
+
+
+# ---------------------------------------------------------------- speedup
+
+
+A, B, C = 40.0, 0.3, 1.5  # a known AdamW curve L(D) = a D^-b + c
+
+
+def _adamw(d: float) -> float:
+    return A * d ** -B + C
+
+
+@pytest.mark.parametrize("k", [0.6, 1.4])
+def test_speedup_fit_recovers_a_known_effective_token_ratio(k):
+    """An optimizer whose loss at D is AdamW's at k D has speedup D_eff/D = k."""
+    budgets = [1e5, 2e5, 4e5, 8e5]
+    rng = random.Random(0)
+    noise = [-2e-4, 0.0, 2e-4]  # three seeds, symmetric about the curve
+    adamw = [_run("adamw", 3e-3, s, _adamw(d) + e, tokens=d) for d in budgets for s, e in enumerate(noise)]
+    d = 8e5
+    other = [_run("x", 1e-3, s, _adamw(k * d) + e, tokens=d) for s, e in enumerate(noise)]
+    sp = compare_runs.speedup(compare_runs.adamw_curve(adamw, rng, bootstrap=200), other, rng, bootstrap=200)
+    assert sp["value"] == pytest.approx(k, rel=0.02)
+    low, high = sp["ci95"]
+    assert low <= sp["value"] <= high
+    assert sp["extrapolated"] is (k * d > budgets[-1])
+    assert sp["fit"]["b"] == pytest.approx(B, rel=0.1)
+
+
+def test_speedup_needs_three_budgets_and_says_none_otherwise():
+    adamw = [_run("adamw", 3e-3, 0, _adamw(d), tokens=d) for d in (1e5, 2e5)]
+    assert compare_runs.adamw_curve(adamw, random.Random(0)) is None
+    assert compare_runs.speedup(None, [_run("x", 1e-3, 0, 2.0, tokens=2e5)], random.Random(0)) is None
+    with pytest.raises(ValueError, match="3 or more"):
+        compare_runs.fit_power_law([1e5, 2e5], [2.0, 1.9])
+
+
+def test_tokens_to_reach_interpolates_between_eval_points():
+    assert compare_runs.tokens_to_reach(([10.0, 20.0, 30.0], [3.0, 2.0, 1.0]), 1.5) == pytest.approx(25.0)
+    assert compare_runs.tokens_to_reach(([10.0, 20.0], [3.0, 2.0]), 1.0) is None
+
+
+# ---------------------------------------------------------------- sweep planning
+
+
+def test_lr_grids_are_per_optimizer_in_its_own_units():
+    lrs = sweep.parse_lrs("normuon=0.02,0.05;adamw=1e-3,3e-3", ["adamw", "normuon", "lion"])
+    assert lrs == {"adamw": [1e-3, 3e-3], "normuon": [0.02, 0.05], "lion": [sweep.default_lr("lion")]}
+    grid = sweep.parse_lrs("grid", ["adamw", "muon"])
+    for name in ("adamw", "muon"):
+        assert grid[name] == [float(f"{sweep.default_lr(name) * m:.3g}") for m in sweep.LR_MULTIPLIERS]
+        assert sweep.default_lr(name) in grid[name]
+    assert sweep.parse_lrs("1e-3;lion=grid", ["adamw", "lion"])["adamw"] == [1e-3]
+    with pytest.raises(ValueError, match="not in --optims"):
+        sweep.parse_lrs("muon=0.02", ["adamw"])
+    assert sweep.parse_budgets("auto", 150, ["adamw"]) == [50, 100]
+    assert sweep.parse_budgets("auto", 150, ["lion"]) == []
+    with pytest.raises(ValueError, match="--budgets"):
+        sweep.parse_budgets("200", 150, ["adamw"])
+
+
+def test_lion_k_runs_with_a_non_sign_kappa_in_the_default_sweep():
+    assert "lion_k" in sweep.default_optimizers()
+    kappa = dict(kv.split("=") for kv in sweep.optim_args("lion_k", None).split(","))["kappa"]
+    assert kappa != "sign"
+
+
+def test_plots_have_a_distinct_colour_per_optimizer():
+    colours = compare_runs._colours(16)
+    assert len({tuple(round(x, 3) for x in c[:3]) for c in colours}) == 16
+
+
+def test_results_json_has_the_schema(tmp_path):
+    runs = [_run("adamw", 3e-3, s, 2.0 + 0.01 * s) for s in range(3)] + [_run("lion", 1e-4, s, 2.1) for s in range(2)]
+    results, rows, fit, mixed = compare_runs.compare(runs, [])
+    doc = compare_runs.results_json(rows, "t", None, fit, mixed)
+    for entry in doc["optimizers"]:
+        assert {"optimizer", "best_lr", "lrs", "seeds", "n", "eval_loss_mean", "eval_loss_std", "eval_loss_ci95",
+                "tokens", "speedup_vs_adamw", "speedup_ci95", "edge_lr"} <= set(entry)
+    adamw = doc["optimizers"][0]
+    assert adamw["optimizer"] == "adamw" and adamw["n"] == 3 and len(adamw["eval_loss_ci95"]) == 2
+    assert adamw["speedup_vs_adamw"] is None  # no budgets: not estimable
+    table = compare_runs.markdown_table(rows)
+    assert "| adamw | 0.003 | 0.003 | 3 | 2.010 ± 0.010 |" in table  # fixed decimals
+    assert "| lion | 0.0001 | 0.0001 | 2 | 2.100 ± 0.000 |" in table
+    compare_runs.plot(results, tmp_path)
+    assert (tmp_path / "lr_sensitivity.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- the study
+
+
+def _entry(mean: float, std: float, n: int = 3) -> dict:
+    return {"eval_loss_mean": mean, "eval_loss_std": std, "n": n}
+
+
+def test_claim_verdicts_follow_the_interval_of_the_difference():
+    import study
+
+    clear, tie = _entry(2.0, 0.01), _entry(2.001, 0.01)
+    worse = _entry(2.2, 0.01)
+    assert study.verdict(clear, "better", worse) == "agrees"
+    assert study.verdict(worse, "better", clear) == "disagrees"
+    assert study.verdict(clear, "better", tie) == "inside the noise"
+    assert study.verdict(clear, "matches", tie) == "agrees (inside the noise)"
+    assert study.verdict(worse, "matches", clear) == "disagrees"
+    assert study.verdict(_entry(2.0, None, 1), "better", worse).startswith("not estimable")
+    diff, low, high = study.difference_interval(clear, worse)
+    assert diff == pytest.approx(0.2) and low < 0.2 < high
+    table = study.claims_table({"optimizers": [{"optimizer": "adamw", **worse}, {"optimizer": "lion", **clear}]})
+    assert "| Lion matches AdamW | lion matches adamw |" in table and "not measured" in table
+
+
+def test_study_plan_names_every_stage_and_runs_nothing(tmp_path, capsys):
+    import study
+
+    assert study.main(["--dry-run", "--smoke", "--runs_dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    for stage in ("1. grid:", "2. seeds-small:", "3. seeds-mid:", "4. report:"):
+        assert stage in out
+    assert "--lrs adamw=1e-3,3e-3;lion=1e-4,3e-4 --seeds 0" in out and "--seeds 0,1 --budgets auto" in out
+    assert not (tmp_path / "runs").exists()
+    full = study.main(["--dry-run", "--runs_dir", str(tmp_path / "runs")])
+    assert full == 0 and f"{len(sweep.default_optimizers())} optimizers" in capsys.readouterr().out
