@@ -13,9 +13,9 @@ PATHS = [pytest.param({"foreach": False}, id="single"), pytest.param({"foreach":
          pytest.param({"fused": True}, id="fused")]
 
 
-def make_params(seed: int = 1):
+def make_params(seed: int = 1, shapes=SHAPES):
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
 
 
 def gradients(params, step: int, scale: float = 1.0):
@@ -113,9 +113,12 @@ def test_blocked_statistics_equal_whole():
     w, g, m, d = torch.randn(37, 11), torch.randn(37, 11), torch.randn(37, 11), torch.rand(37, 11) + 0.5
     whole = projection_stats(w, g, m / d)
     for block in (1, 11, 40, 100, 10_000):
-        for got, want in zip(blocked_projection_stats(w, g, m, d, block_elements=block), whole):
+        blocked = blocked_projection_stats(lambda *rows: projection_stats(rows[0], rows[1], rows[2] / rows[3]),
+                                           w, g, m, d, block_elements=block)
+        for got, want in zip(blocked, whole):
             assert_close(got, want, rtol=1e-6, atol=1e-6)
-    for got, want in zip(blocked_projection_stats(w, g, m, block_elements=30), projection_stats(w, g, m)):
+    for got, want in zip(blocked_projection_stats(projection_stats, w, g, m, block_elements=30),
+                         projection_stats(w, g, m)):
         assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -212,3 +215,82 @@ def test_sgdp_foreach_over_row_blocks_matches(kwargs, monkeypatch):
 
     monkeypatch.setattr(base, "CHUNK_ELEMENTS", 20)
     check(*run_pair(SGDP, torch_optimizer.SGDP, kwargs, {"foreach": True}, scale=0.1))
+
+
+#: pieces of 45 elements: ragged row blocks (5 rows of (16, 8), the channel-projected tensor; 4 rows of
+#: (6, 10), the layer-projected one; 1 row of (4, 3, 3, 3) and 2 of (32, 16)) and 45-element flat pieces
+#: of a 300-element vector (6 full and a ragged one)
+PIECE_ELEMENTS = 45
+PIECE_SHAPES = SHAPES + [(300,)]
+
+
+def run_in_pieces(ours_cls, ref_cls, kwargs, monkeypatch, steps=30, scale=1.0):
+    """The single-tensor path with ``CHUNK_ELEMENTS = PIECE_ELEMENTS`` and with whole tensors (the default
+    is larger than every tensor here), and the reference, side by side on the same gradients; returns the
+    three parameter lists and the largest gradient entry."""
+    import optimzoo.optim._base as base
+    import optimzoo.optim.adamp as adamp
+
+    default = base.CHUNK_ELEMENTS
+    runs = [make_params(shapes=PIECE_SHAPES) for _ in range(3)]
+    opts = [ours_cls(runs[0], **kwargs, foreach=False), ours_cls(runs[1], **kwargs, foreach=False),
+            ref_cls(runs[2], **kwargs)]
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", PIECE_ELEMENTS)
+    assert all(len(adamp.row_blocks(p.detach().view(p.size(0), -1))) > 1 for p in runs[0] if p.dim() > 1)
+    assert len(base.chunk_views([runs[0][-1]])) == 7
+    g_max = 0.0
+    for s in range(steps):
+        grads = gradients(runs[1], s, scale)
+        g_max = max(g_max, max(g.abs().max().item() for g in grads))
+        for params in runs:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        for opt, chunk in zip(opts, (PIECE_ELEMENTS, default, default)):
+            monkeypatch.setattr(base, "CHUNK_ELEMENTS", chunk)
+            opt.step()
+    return *runs, g_max
+
+
+def check_pieces(pieces, whole, reference, steps, step):
+    """Pieces against whole tensors: 1-D tensors (element-wise updates over flat pieces) bitwise; tested
+    tensors, whose row statistics are float32 sums over row blocks, to the rounding of those sums; and
+    both against the reference (:func:`drift_bound`).
+
+    A tested tensor's update depends on the blocking only through the projection's statistics (pass 2 is
+    element-wise given the per-row scale). Each is a sum of ``D`` products (a row of the ``(C, D)`` view;
+    the layer view's totals add the same row sums in the same order), and float32 sums of ``D`` terms in
+    two orders differ by at most ``2 D EPS32`` times the sum of the terms' magnitudes. So
+    ``scale = w.u / (||w|| + eps)^2`` moves by at most ``4 D EPS32 ||u|| / ||w||`` and the radial part of
+    the step, ``step_size w_i scale``, by at most ``4 D EPS32 sqrt(N) step`` (``step_size ||u|| <= sqrt(N)
+    step``, ``N`` entries in the view, ``step`` bounding an unprojected step's entries); once the weights
+    differ, each run rounds its own weights: :func:`drift_bound` per step on top."""
+    for p, q in zip(pieces, whole):
+        if p.dim() == 1:
+            assert torch.equal(p, q)
+    order = max(4 * p[0].numel() * p.numel() ** 0.5 for p in whole if p.dim() > 1) * EPS32 * step * steps
+    check(max((p - q).abs().max().item() for p, q in zip(pieces, whole)), drift_bound(whole, steps) + order,
+          "pieces vs whole")
+    check(max((p - q).abs().max().item() for p, q in zip(pieces, reference)), drift_bound(reference, steps),
+          "pieces vs torch-optimizer")
+
+
+#: the configurations of the file's oracle tests, and a delta that projects every tested tensor's rows
+#: (cos <= 1 < delta / sqrt(D)): the projection fires at each step, so a wrong row block of the scale fails
+PIECE_ADAMP = [*ADAMP_CONFIGS, dict(weight_decay=0.1, delta=100.0, wd_ratio=0.5, lr=1e-2)]
+PIECE_SGDP = [*SGDP_CONFIGS, dict(lr=0.02, momentum=0.9, weight_decay=1e-2, delta=100.0, wd_ratio=0.5)]
+
+
+@pytest.mark.parametrize("kwargs", PIECE_ADAMP, ids=str)
+def test_adamp_single_tensor_in_pieces(kwargs, monkeypatch):
+    *runs, _ = run_in_pieces(AdamP, torch_optimizer.AdamP, kwargs, monkeypatch)
+    # an Adam step with the default betas: |m| <= (1 - b1) sqrt(v) / sqrt((1 - b2) (1 - b1^2 / b2))
+    # (Cauchy-Schwarz over the EMAs), so an entry moves by at most 7.3 lr (9.8 lr with Nesterov's
+    # b1 m + (1 - b1) g) at any step
+    check_pieces(*runs, steps=30, step=10 * kwargs.get("lr", 1e-3))
+
+
+@pytest.mark.parametrize("kwargs", PIECE_SGDP, ids=str)
+def test_sgdp_single_tensor_in_pieces(kwargs, monkeypatch):
+    *runs, g_max = run_in_pieces(SGDP, torch_optimizer.SGDP, kwargs, monkeypatch, scale=0.1)
+    # ||b|| <= sqrt(N) max |g| / (1 - momentum) (the projection only shortens it), as ||g + momentum b||
+    check_pieces(*runs, steps=30, step=kwargs["lr"] * g_max / (1 - kwargs["momentum"]))

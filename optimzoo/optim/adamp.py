@@ -9,14 +9,16 @@ Layout (CONTRIBUTING.md): the projection is four small functions (:func:`project
 :func:`projection_scale`, :func:`apply_projection_` and the row-blocked statistics of the eager
 paths). Each algorithm has three one-tensor kernels with 0-d tensor hyperparameters and no
 data-dependent Python control flow: ``*_vector`` (1-D tensors, one pass) and, for tested tensors,
-``*_pass1`` (moments and the projection's statistics) and ``*_pass2`` (the update). They are the
-eager single-tensor path and, compiled by :func:`~optimzoo.optim._base.fused_kernel`, the fused path.
-``_multi_tensor_*`` is the same math with ``torch._foreach_*`` ops.
+``*_pass1`` (moments and the projection's statistics) and ``*_pass2`` (the update). Compiled whole by
+:func:`~optimzoo.optim._base.fused_kernel` they are the fused path; run over cache-sized pieces by
+:func:`_eager_runners` (flat pieces for ``*_vector``, row blocks for the passes) the eager
+single-tensor path. ``_multi_tensor_*`` is the same math with ``torch._foreach_*`` ops.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -30,9 +32,9 @@ from ._base import (
     check_lr,
     check_paths,
     check_range,
-    eager_kernel,
     foreach_adam_moments_,
     fused_kernel,
+    piecewise,
 )
 
 __all__ = ["SGDP", "AdamP", "apply_projection_", "projection_scale", "projection_stats"]
@@ -75,15 +77,13 @@ def row_blocks(param: torch.Tensor, block_elements: int | None = None) -> list[s
     return [slice(i, i + per_block) for i in range(0, param.size(0), per_block)]
 
 
-def blocked_projection_stats(param: torch.Tensor, grad: torch.Tensor, numer: torch.Tensor,
-                             denom: torch.Tensor | None = None,
+def blocked_projection_stats(stats: Callable[..., tuple[torch.Tensor, ...]], *tensors: torch.Tensor,
                              block_elements: int | None = None) -> tuple[torch.Tensor, ...]:
-    """:func:`projection_stats` of ``(param, grad, numer / denom)`` (``numer`` if no ``denom``) over
-    :func:`row_blocks` (same values): neither the update nor any product is materialized whole."""
-    blocks = []
-    for rows in row_blocks(param, block_elements):
-        update = numer[rows] if denom is None else numer[rows] / denom[rows]
-        blocks.append(projection_stats(param[rows], grad[rows], update))
+    """The per-row statistics ``stats(*tensors)`` (e.g. :func:`projection_stats` of an update computed
+    from ``tensors``, ``(C, D)`` views) as ``stats`` of the row blocks of :func:`row_blocks`,
+    concatenated (the same values, rows being independent): neither the update nor any product is
+    materialized whole."""
+    blocks = [stats(*(t[rows] for t in tensors)) for rows in row_blocks(tensors[0], block_elements)]
     return blocks[0] if len(blocks) == 1 else tuple(torch.cat(parts) for parts in zip(*blocks))
 
 
@@ -129,6 +129,43 @@ def apply_projection_(update: torch.Tensor, param: torch.Tensor, scale: torch.Te
 def _decay_factor(project: torch.Tensor, wd_ratio: torch.Tensor) -> torch.Tensor:
     """The weight-decay multiplier: ``wd_ratio`` for a projected tensor, else 1."""
     return torch.where(project, wd_ratio, torch.ones_like(wd_ratio))
+
+
+def _scale_of(stats: tuple[torch.Tensor, ...], hp) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`projection_scale` of row statistics with a kernel's hyperparameters ``hp``."""
+    return projection_scale(stats, hp.eps, hp.threshold_channel, hp.threshold_layer)
+
+
+def _eager_runners(kernels: dict[str, Callable], stats: Callable) -> dict[str, Callable]:
+    """The eager single-tensor path: runners of an algorithm's one-tensor ``kernels`` with the calling
+    convention of their :func:`~optimzoo.optim._base.fused_kernel` runners (a list of argument tuples,
+    static keyword arguments), whose temporaries are cache-sized instead of tensor-sized (on a CPU a
+    temporary > 32 MB is a fresh mapping, page-faulted in at every step):
+
+    * ``vector``: the element-wise kernel over flat pieces (:func:`~optimzoo.optim._base.piecewise`),
+      the same bits as one call;
+    * ``pass1``: ``stats(param, grad, *state, hp, **static)``, the row statistics of the projection, over
+      :func:`row_blocks` (:func:`blocked_projection_stats`), then :func:`projection_scale` of the whole
+      tensor's rows: returns ``(scale, project)`` per tensor;
+    * ``pass2``: the kernel over the same row blocks, each with its rows of ``scale``.
+    """
+    vector = piecewise(kernels["vector"])
+    pass2 = kernels["pass2"]
+
+    def run_vector(items: list[tuple], **static) -> None:
+        for *tensors, hp in items:
+            vector(tensors, (hp,), **static)
+
+    def run_pass1(items: list[tuple], **static) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [_scale_of(blocked_projection_stats(lambda *rows: stats(*rows, hp, **static), *tensors), hp)
+                for *tensors, hp in items]
+
+    def run_pass2(items: list[tuple], **static) -> None:
+        for *tensors, scale, project, hp in items:
+            for rows in row_blocks(tensors[0]):
+                pass2(*(t[rows] for t in tensors), scale[rows], project, hp, **static)
+
+    return {"vector": run_vector, "pass1": run_pass1, "pass2": run_pass2}
 
 
 def _skips(project: torch.Tensor) -> bool:
@@ -190,8 +227,9 @@ def _foreach_projection(p, g, numer, denom, eps, delta) -> tuple[torch.Tensor, t
     """``(scale, project)`` of one tested tensor on a foreach path, for the update ``numer / denom``
     (``numer`` if no ``denom``), the statistics over row blocks."""
     th_c, th_l = ZooOptimizer._scalars(p.device, *_thresholds(p, delta))
-    views = [_matrix_view(t) for t in (p, g, numer)] + ([] if denom is None else [_matrix_view(denom)])
-    return projection_scale(blocked_projection_stats(*views), eps, th_c, th_l)
+    views = [_matrix_view(t) for t in (p, g, numer, denom) if t is not None]
+    stats = projection_stats if denom is None else lambda w, gr, n, d: projection_stats(w, gr, n / d)
+    return projection_scale(blocked_projection_stats(stats, *views), eps, th_c, th_l)
 
 
 def _adam_moments(grad, exp_avg, exp_avg_sq, hp: AdamPScalars) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,10 +259,15 @@ def _adam_step_(param, grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: bo
     param.mul_(decay).sub_(update * hp.step_size)
 
 
+def _adamp_stats(param, grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: bool = False):
+    """:func:`projection_stats` of the update of the new moments (``(C, D)`` views), read only."""
+    update = _adam_direction(grad, *_adam_moments(grad, exp_avg, exp_avg_sq, hp), hp, nesterov)
+    return projection_stats(param, grad, update)
+
+
 def _adamp_pass1(param, grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: bool = False):
     """Pass 1 of a projected tensor (``(C, D)`` views), read only: returns ``(scale, project)``."""
-    update = _adam_direction(grad, *_adam_moments(grad, exp_avg, exp_avg_sq, hp), hp, nesterov)
-    return projection_scale(projection_stats(param, grad, update), hp.eps, hp.threshold_channel, hp.threshold_layer)
+    return _scale_of(_adamp_stats(param, grad, exp_avg, exp_avg_sq, hp, nesterov), hp)
 
 
 def _adamp_pass2(param, grad, exp_avg, exp_avg_sq, scale, project, hp: AdamPScalars, nesterov: bool = False):
@@ -238,7 +281,7 @@ def _adam_vector(param, grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: b
 
 
 _ADAMP_KERNELS = {"pass1": _adamp_pass1, "pass2": _adamp_pass2, "vector": _adam_vector}
-_ADAMP = {name: eager_kernel(fn) for name, fn in _ADAMP_KERNELS.items()}
+_ADAMP = _eager_runners(_ADAMP_KERNELS, _adamp_stats)
 _FUSED_ADAMP = {name: fused_kernel(fn) for name, fn in _ADAMP_KERNELS.items()}
 
 
@@ -323,10 +366,15 @@ def _sgd_step_(param, grad, buf, hp: SGDPScalars, nesterov: bool, scale=None, pr
     param.mul_(decay).sub_(update * hp.lr)
 
 
+def _sgdp_stats(param, grad, buf, hp: SGDPScalars, nesterov: bool = False):
+    """:func:`projection_stats` of the update of the new buffer (``(C, D)`` views), read only."""
+    update = _sgdp_direction(grad, _sgdp_momentum(grad, buf, hp), hp, nesterov)
+    return projection_stats(param, grad, update)
+
+
 def _sgdp_pass1(param, grad, buf, hp: SGDPScalars, nesterov: bool = False):
     """Pass 1 of a projected tensor, read only: returns ``(scale, project)``."""
-    update = _sgdp_direction(grad, _sgdp_momentum(grad, buf, hp), hp, nesterov)
-    return projection_scale(projection_stats(param, grad, update), hp.eps, hp.threshold_channel, hp.threshold_layer)
+    return _scale_of(_sgdp_stats(param, grad, buf, hp, nesterov), hp)
 
 
 def _sgdp_pass2(param, grad, buf, scale, project, hp: SGDPScalars, nesterov: bool = False):
@@ -340,7 +388,7 @@ def _sgd_vector(param, grad, buf, hp: SGDPScalars, nesterov: bool = False):
 
 
 _SGDP_KERNELS = {"pass1": _sgdp_pass1, "pass2": _sgdp_pass2, "vector": _sgd_vector}
-_SGDP = {name: eager_kernel(fn) for name, fn in _SGDP_KERNELS.items()}
+_SGDP = _eager_runners(_SGDP_KERNELS, _sgdp_stats)
 _FUSED_SGDP = {name: fused_kernel(fn) for name, fn in _SGDP_KERNELS.items()}
 
 
