@@ -59,7 +59,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from optimzoo.cli import brief_usage, fail, user_errors
 from optimzoo.hf import PretrainTrainer, ZooTrainingArguments
 from optimzoo.hf.data import byte_tokenizer, embedded_corpus, holdout_split, tokenize_dataset
+from optimzoo.hf.runs import run_identity
 from optimzoo.hf.sharded_checkpoint import ShardedPretrainTrainer
+from optimzoo.quant import QuantSpec, fake_quantize
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -75,6 +77,11 @@ class ModelArguments:
                 "does not fit the config, or is the byte tokenizer), 'yes' or 'no'."})
     pure_bf16: bool = field(default=False, metadata={
         "help": "Cast the model's weights to bf16, as GaLore's script does (not AMP; for AMP use --bf16)."})
+    quant: str | None = field(default=None, metadata={
+        "help": "Fake-quantize the transformer's linear layers (q/k/v/o/gate/up/down projections; embeddings and "
+                "head stay full precision), Stable-SPAM's low-bit setting: 'int4', 'int8', 'fp4' (the official "
+                "code's settings) or a custom spec such as 'w4g256,a4g64o2s' (optimzoo.quant.QuantSpec). "
+                "Master weights and optimizer state stay full precision."})
     fsdp2: bool = field(default=False, metadata={
         "help": "Shard the model with FSDP2 over all torchrun processes (transformers' DistributedConfig); "
                 "checkpoints are sharded DCP checkpoints (optimzoo.hf.sharded_checkpoint) that resume at any "
@@ -331,6 +338,8 @@ def describe_run(model, margs: ModelArguments, targs: RecipeTrainingArguments, w
         parts.append(f"DDP ({world} replicas)")
     else:
         parts.append("one process")
+    if margs.quant:
+        parts.append(f"fake-quantized projections ({QuantSpec.parse(margs.quant).describe()})")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     amp = "bf16 autocast" if targs.bf16 else "fp16 autocast" if targs.fp16 else "no autocast"
     parts.append(f"{dtype} weights, {amp}")
@@ -357,8 +366,10 @@ def main(argv: list[str] | None = None) -> dict:
     with user_errors(parser):  # bad names, values and files: an argparse error (exit 2), nothing loaded or written
         margs, dargs, targs = parser.parse_args_into_dataclasses(args=argv)
         model_name = resolve_config(margs.model_config).stem
+        quant = QuantSpec.parse(margs.quant) if margs.quant else None
     if targs.run_name is None or targs.run_name == targs.output_dir:
-        targs.run_name = f"{model_name}-{targs.optim}-lr{targs.learning_rate:g}-s{targs.seed}"
+        targs.run_name = (f"{model_name}-{targs.optim}-lr{targs.learning_rate:g}-s{targs.seed}"
+                          + (f"-{quant.describe()}" if quant else ""))
     if not targs.output_dir_given:
         targs.output_dir = str(Path("runs") / targs.run_name)
     resume = resolve_resume(parser, targs)
@@ -376,6 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(margs, dargs.max_length)
     config = build_config(margs, tokenizer)
     model = build_model(config, margs, targs)
+    if quant is not None:  # in place (the layers' class), so before or after sharding alike
+        fake_quantize(model, quant)
     with targs.main_process_first(desc="tokenizing"):
         train, val = tokenized_data(dargs, margs, tokenizer, targs.seed)
     if val is not None and dargs.max_eval_samples and not dargs.streaming:
@@ -393,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokenizer": margs.tokenizer, "max_length": dargs.max_length, "packing": dargs.packing,
         "tokens_per_step": targs.per_device_train_batch_size * targs.gradient_accumulation_steps * world
         * dargs.max_length,
-        "lr_source": targs.zoo_lr_sources(),
+        "lr_source": targs.zoo_lr_sources(), "quant": quant.describe() if quant else "none",
     })
     if trainer.is_world_process_zero():
         print(describe_run(model, margs, targs, world), flush=True)
@@ -407,13 +420,16 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "run_name": targs.run_name, "model": model_name, "params": n_params, "optim": targs.optim,
         "optim_args": targs.optim_args, "learning_rate": targs.learning_rate, "lr_source": targs.zoo_lr_sources(),
-        "seed": targs.seed, "world_size": world, "steps": trainer.state.global_step,
+        "seed": targs.seed, "world_size": world, "quant": quant.describe() if quant else "none",
+        "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
         "final_loss": next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None),
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "tokens_per_second": (trainer.state.num_input_tokens_seen - tokens_before) / train_seconds,
         "train_seconds": train_seconds,
     }
+    summary["identity"] = run_identity(margs, dargs, targs, world_size=world,
+                                       model_config=json.loads(resolve_config(margs.model_config).read_text()))
     if val is not None:
         summary.update(trainer.evaluate())
     if trainer.is_world_process_zero():
