@@ -86,6 +86,10 @@ class ModelArguments:
         "help": "Shard the model with FSDP2 over all torchrun processes (transformers' DistributedConfig); "
                 "checkpoints are sharded DCP checkpoints (optimzoo.hf.sharded_checkpoint) that resume at any "
                 "world size. With --bf16: FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 weights and state)."})
+    replicate: int = field(default=1, metadata={
+        "help": "With --fsdp2: HSDP, the torchrun processes as a (replicate, shard) mesh: --replicate N replicas, "
+                "each sharding the model over WORLD_SIZE / N processes (DistributedConfig(dp_replicate_size=N)); "
+                "gradients are reduce-scattered within a replica and all-reduced across replicas."})
 
 
 @dataclass
@@ -263,7 +267,8 @@ def build_model(config: LlamaConfig, margs: ModelArguments, targs: RecipeTrainin
     dist.barrier()
     model = LlamaForCausalLM.from_pretrained(
         init_dir, distributed_config=DistributedConfig(
-            fsdp_size=dist.get_world_size(), fsdp_mixed_precision=targs.bf16),  # bf16 compute, fp32 master weights
+            fsdp_size=dist.get_world_size() // margs.replicate, dp_replicate_size=margs.replicate,
+            fsdp_mixed_precision=targs.bf16),  # bf16 compute, fp32 master weights
         dtype=torch.bfloat16 if margs.pure_bf16 else torch.float32)
     not_sharded = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
     if not_sharded:
@@ -367,6 +372,11 @@ def main(argv: list[str] | None = None) -> dict:
         margs, dargs, targs = parser.parse_args_into_dataclasses(args=argv)
         model_name = resolve_config(margs.model_config).stem
         quant = QuantSpec.parse(margs.quant) if margs.quant else None
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if margs.replicate < 1 or world_size % margs.replicate:
+            raise ValueError(f"--replicate {margs.replicate} must be >= 1 and divide the world size {world_size}")
+        if margs.replicate > 1 and not margs.fsdp2:
+            raise ValueError(f"--replicate {margs.replicate} needs --fsdp2 (HSDP is FSDP2 over a 2-D mesh)")
     if targs.run_name is None or targs.run_name == targs.output_dir:
         targs.run_name = (f"{model_name}-{targs.optim}-lr{targs.learning_rate:g}-s{targs.seed}"
                           + (f"-{quant.describe()}" if quant else ""))

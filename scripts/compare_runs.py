@@ -68,6 +68,9 @@ KEYS = {
     "step_ms": ("optim/step_ms", "train/optim/step_ms"),
     "state_MB": ("optim/state_MB", "train/optim/state_MB"),
     "train_runtime": ("train_runtime", "train/train_runtime"),
+    "grad_norm": ("grad_norm", "train/grad_norm"),
+    "clip_fraction": ("optim/clip_fraction", "train/optim/clip_fraction"),
+    "resets": ("optim/resets", "train/optim/resets"),
 }
 #: settings that a comparison sweeps: they may differ between the runs of one table
 SWEPT = frozenset({"optim", "learning_rate", "optim_args", "seed"})

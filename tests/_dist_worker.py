@@ -1,4 +1,5 @@
-"""Multi-process jobs for ``tests/test_distributed.py``: gloo ranks on CPU, FSDP2 (``fully_shard``).
+"""Multi-process jobs for ``tests/test_distributed.py`` and ``tests/test_hsdp.py``: gloo ranks on CPU,
+FSDP2 (``fully_shard``), on a 1-D mesh or a 2-D ``(replicate, shard)`` one (HSDP).
 
 :func:`launch` spawns the ranks with ``torch.multiprocessing`` on a free port; each rank runs one job
 of :data:`JOBS` inside an initialized process group (always destroyed afterwards), and rank 0's
@@ -86,13 +87,13 @@ def make_model(kind: str, seed: int = 0) -> nn.Module:
     return MODELS[kind][0]()
 
 
-def shard(model: nn.Module) -> nn.Module:
-    """FSDP2: every block of a TinyLM, then the root."""
+def shard(model: nn.Module, mesh=None) -> nn.Module:
+    """FSDP2: every block of a TinyLM, then the root; on ``mesh`` if given (default: all ranks, 1-D)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in getattr(model, "layers", []):
-        fully_shard(block)
-    return fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
 
 
 def train(model: nn.Module, opt, kind: str, start: int, stop: int) -> None:
@@ -115,14 +116,15 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def count_transforms(opt) -> list[int]:
     """Wrap ``opt._transform`` (matrix optimizers) to count the matrices it transforms; returns the
-    (live) counter."""
-    counter = [0]
+    (live) counter: ``[matrices, calls]``."""
+    counter = [0, 0]
     if not hasattr(opt, "_transform"):
         return counter
     inner = opt._transform
 
     def counting(group, U, rows):
         counter[0] += U.shape[0]
+        counter[1] += 1
         return inner(group, U, rows)
 
     opt._transform = counting
@@ -252,7 +254,135 @@ def job_resume(root: str) -> dict:
     return out
 
 
-JOBS = {"main": job_main, "resume": job_resume}
+# --------------------------------------------------------------------------------------------
+# HSDP: fully_shard over a 2-D (replicate, shard) mesh, 4 ranks as 2 x 2
+# --------------------------------------------------------------------------------------------
+
+HSDP_MESH = (2, 2)  # (replicate, shard)
+#: checkpointed on the 2 x 2 mesh: per-row state (a DTensor placed like the parameter), element-wise
+#: state with resets, plain AdamW
+HSDP_DCP_CASES = ("normuon", "stable_spam[reset]", "adamw")
+TINY_BUDGET = 1  # batch_budget in bytes: every owner transforms one matrix per call
+
+
+def hsdp_mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", HSDP_MESH, mesh_dim_names=("replicate", "shard"))
+
+
+def hsdp_parity(name: str, hp: dict, kind: str, mesh) -> tuple[dict, dict | None]:
+    """STEPS steps on ``mesh`` vs one process (rank 0); every rank's ``[replica, shard]`` coordinate,
+    matrices transformed and ``_transform`` calls. Returns the result and (rank 0) the final weights."""
+    out: dict = {}
+    reference = None
+    if dist.get_rank() == 0:
+        model, opt = build(name, make_model(kind), **hp)
+        single = count_transforms(opt)
+        train(model, opt, kind, 0, STEPS)
+        reference = full_params(model)
+        out["single_transforms"] = single[0]
+        out["matrices"] = len(opt.routing_plan.names("matrix"))
+        out["row_local"] = hasattr(opt, "_transform_row_blocks")
+    model, opt = build(name, shard(make_model(kind), mesh), **hp)
+    counter = count_transforms(opt)
+    train(model, opt, kind, 0, STEPS)
+    result = full_params(model)
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, {"coord": mesh.get_coordinate(), "transforms": counter[0], "calls": counter[1]})
+    out["ranks"] = ranks
+    out["placements"] = sorted({str(tuple(p.placements)) for p in model.parameters()})
+    if reference is not None:
+        out["max_diff"] = max_diff(result, reference)
+    return out, result
+
+
+def hsdp_reductions(mesh) -> dict:
+    """``optimzoo.ops.reduce`` on DTensors of the 2-D mesh (7 rows: uneven over the shard dim) against the
+    whole tensor; integers, so float32 sums are exact. Rows split on one dim or on both."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from optimzoo.ops.reduce import global_amax, global_sum, reduce_shards_many
+
+    x = torch.arange(1.0, 22.0).reshape(7, 3)
+    y = -torch.arange(1.0, 15.0).reshape(7, 2)
+    out = {}
+    for placements in [(Replicate(), Shard(0)), (Shard(0), Replicate()), (Shard(0), Shard(0))]:
+        dx, dy = (distribute_tensor(t, mesh, placements) for t in (x, y))
+        sums = reduce_shards_many([dx.to_local().sum(), dy.to_local().sum()], [dx, dy], dist.ReduceOp.SUM)
+        out[str(placements)] = {
+            "sum": [global_sum(dx).item(), x.sum().item()],
+            "amax": [global_amax(dy).item(), y.amax().item()],
+            "many": [[float(v) for v in sums], [x.sum().item(), y.sum().item()]],
+        }
+    return out
+
+
+def hsdp_unsupported(mesh) -> dict:
+    """A matrix optimizer on parameters the owner exchange cannot handle: the error raised, per placement."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    out = {}
+    for placements in [(Shard(0), Shard(0)), (Replicate(), Shard(1))]:
+        w = nn.Parameter(distribute_tensor(torch.randn(6, 8), mesh, placements))
+        opt = optimzoo.get_spec("muon").cls([{"params": [w], "role": "matrix"}])
+        w.grad = distribute_tensor(torch.ones(6, 8), mesh, placements)
+        try:
+            opt.step()
+            out[str(placements)] = None
+        except NotImplementedError as err:
+            out[str(placements)] = f"NotImplementedError: {err}"
+    return out
+
+
+def hsdp_dcp(name: str, hp: dict, mesh, root: Path) -> float:
+    """Save after SAVE_AT steps on the 2 x 2 mesh, go on to STEPS; load into a new model (another seed)
+    and optimizer on the same mesh, go on to STEPS: max |difference| of the two ends. Rank 0 also saves
+    the uninterrupted end (``final.pt``) for a one-process resume in the test."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, opt = build(name, shard(make_model("tiny_lm"), mesh), **hp)
+    train(model, opt, "tiny_lm", 0, SAVE_AT)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=root / "sharded")
+    train(model, opt, "tiny_lm", SAVE_AT, STEPS)
+    final = full_params(model)
+    if dist.get_rank() == 0:
+        torch.save(final, root / "final.pt")
+
+    model, opt = build(name, shard(make_model("tiny_lm", seed=1), mesh), **hp)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=root / "sharded")
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, opt, "tiny_lm", SAVE_AT, STEPS)
+    return max_diff(full_params(model), final)
+
+
+def job_hsdp(root: str) -> dict:
+    """Every case on the 2 x 2 mesh vs one process (TinyLM; the matrix cases also on the uneven model
+    and with a tiny ``batch_budget``), whole-tensor reductions, unsupported placements, DCP round trips."""
+    mesh = hsdp_mesh()
+    out: dict = {"tiny_lm": {}, "uneven": {}, "budget": {}, "dcp": {}}
+    unchunked = {}
+    for case, name, hp in CASES:
+        out["tiny_lm"][case], unchunked[case] = hsdp_parity(name, hp, "tiny_lm", mesh)
+    for case, name, hp in MATRIX_CASES:
+        out["uneven"][case], _ = hsdp_parity(name, hp, "uneven", mesh)
+    for case, name, hp in MATRIX_CASES:
+        out["budget"][case], chunked = hsdp_parity(name, {**hp, "batch_budget": TINY_BUDGET}, "tiny_lm", mesh)
+        if dist.get_rank() == 0:
+            out["budget"][case]["unchunked_max_diff"] = max_diff(chunked, unchunked[case])
+    out["reductions"] = hsdp_reductions(mesh)
+    out["unsupported"] = hsdp_unsupported(mesh)
+    for case, name, hp in CASES:
+        if case in HSDP_DCP_CASES:
+            out["dcp"][case] = hsdp_dcp(name, hp, mesh, Path(root) / case)
+    return out
+
+
+JOBS = {"main": job_main, "resume": job_resume, "hsdp": job_hsdp}
 
 
 # --------------------------------------------------------------------------------------------

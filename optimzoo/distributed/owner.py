@@ -7,8 +7,9 @@ each holding a ``Shard(0)`` row block of every matrix, one step runs:
    so that many single-matrix buckets still spread) is owned by rank ``j mod W``;
 2. one ``all_to_all``: every rank sends each owner its row block of the owner's matrices, padded to
    ``ceil(m / W)`` rows, with the row blocks of the per-row state (NorMuon's ``v``) as extra columns;
-3. each owner concatenates the blocks, trims the padding and calls ``_transform`` once per bucket on
-   the stack of the matrices it owns: every matrix is transformed exactly once in the job;
+3. each owner concatenates the blocks, trims the padding and calls ``_transform`` on the stack of
+   the matrices it owns, one budget-sized chunk at a time (``batch_budget``, as on whole matrices):
+   every matrix is transformed exactly once per process group;
 4. one ``all_to_all`` back: every rank receives its row block of each result and of the updated
    per-row state.
 
@@ -17,6 +18,12 @@ updates). Per step each rank sends about ``2 (W - 1) / W^2`` of the group's byte
 receives as much: for ``W = 2`` the same as an all-gather of the updates, ``2 / W`` of it beyond.
 Parameters that are not row-sharded (plain tensors, replicated ``DTensor``) are transformed locally,
 as on one device.
+
+HSDP (``fully_shard`` over a 2-D ``(replicate, shard)`` mesh, placements ``(Replicate(), Shard(0))``):
+the exchange runs over the process group of the mesh dimension that shards, so each replica group
+transforms every matrix once, on its own owner ranks, and the replicas' results are the same (they hold
+the same gradients after FSDP2's all-reduce over the replicate dimension). A matrix whose rows are split
+over more than one mesh dimension, or that is split along another dim, raises ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -60,8 +67,9 @@ def _row_mesh_dim(p: torch.Tensor) -> int | None:
         return None
     if len(split) > 1 or not p.placements[split[0]].is_shard(0):
         raise NotImplementedError(
-            f"matrix optimizers support DTensor parameters sharded along dim 0 on one mesh dimension "
-            f"(FSDP2, HSDP), got placements {p.placements}")
+            f"matrix optimizers support DTensor parameters sharded along dim 0 on one mesh dimension, "
+            f"the others replicated (FSDP2: (Shard(0),); HSDP: (Replicate(), Shard(0))), got placements "
+            f"{p.placements} on mesh {p.device_mesh} (shape {tuple(p.shape)})")
     return split[0]
 
 
@@ -162,6 +170,7 @@ def _owner_round(opt, group: dict, pg, params, updates, states) -> list[torch.Te
     keys = opt.row_state
     wire = functools.reduce(torch.promote_types, (u.dtype for u in updates), torch.float32)
     device = local_tensor(params[0]).device
+    budget = opt._batch_budget(group)
 
     plan, start = [], 0
     for (shape, dtype, _), idx in shape_buckets(params, updates).items():
@@ -193,7 +202,7 @@ def _owner_round(opt, group: dict, pg, params, updates, states) -> list[torch.Te
             U = full[..., :b.n].to(b.dtype).contiguous()
             state_cols = full[..., b.n:].split(b.widths, dim=-1)
             row_state = {key: c.to(local_tensor(states[b.idx[0]][key]).dtype) for key, c in zip(keys, state_cols)}
-            O = opt._transform(group, U, row_state)
+            O, row_state = _transform_chunks(opt, group, U, row_state, budget)
             full = torch.cat([O.to(wire), *(row_state[key].to(wire) for key in keys)], dim=-1)
             blocks = F.pad(full, (0, 0, 0, world * b.chunk - b.m)).view(k, world, b.chunk, b.cols)
         replies.append(blocks)
@@ -213,6 +222,28 @@ def _owner_round(opt, group: dict, pg, params, updates, states) -> list[torch.Te
             for key, c in zip(keys, local[j, :, b.n:].split(b.widths, dim=-1)):
                 local_tensor(states[i][key]).copy_(c)
     return outs  # type: ignore[return-value]
+
+
+def _transform_chunks(opt, group: dict, U: torch.Tensor, rows: dict[str, torch.Tensor],
+                      budget: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``opt._transform`` on the stack ``U`` (B, m, n) and its row state, in the fewest equal chunks
+    along dim 0 that fit ``budget`` (``opt._chunk_bytes`` per matrix, at least one matrix a chunk, as
+    on whole matrices); returns the stacked result and the updated row state. Batched transforms
+    compute each matrix on its own, so the result does not depend on the chunking."""
+    count_all, m, n = U.shape
+    size = max(1, int(budget // opt._chunk_bytes(group, m, n, U.dtype.itemsize)))
+    if count_all <= size:
+        return opt._transform(group, U, rows), rows
+    count = -(-count_all // size)
+    each, extra = divmod(count_all, count)  # sizes differ by at most one
+    bounds = [i * each + min(i, extra) for i in range(count + 1)]
+    outs, parts = [], {key: [] for key in rows}
+    for a, b in zip(bounds, bounds[1:]):
+        chunk_rows = {key: v[a:b] for key, v in rows.items()}
+        outs.append(opt._transform(group, U[a:b], chunk_rows))
+        for key in rows:
+            parts[key].append(chunk_rows[key])
+    return torch.cat(outs), {key: torch.cat(v) for key, v in parts.items()}
 
 
 def _exchange(send: list[torch.Tensor], send_sizes: list[int], recv_sizes: list[int], dtype: torch.dtype,

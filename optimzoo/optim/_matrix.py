@@ -284,10 +284,7 @@ class MatrixOptimizer(ZooOptimizer):
         """Indices of same-shape matrices (:func:`~optimzoo.ops.matrix.shape_buckets` of ``params`` and
         ``tensors``, the gradients or updates), each bucket split into the fewest equal chunks whose
         :meth:`_chunk_bytes` fit in the group's ``batch_budget`` (at least one matrix per chunk)."""
-        budget = group.get("batch_budget")
-        if budget is None:
-            largest = max(p.numel() for g in self.param_groups for p in g["params"])
-            budget = max(4 * 4 * largest, MIN_DEFAULT_BUDGET)
+        budget = self._batch_budget(group)
         chunks = []
         for (shape, dtype, _), idx in shape_buckets(params, tensors).items():
             per = self._chunk_bytes(group, *matrix_shape(shape), dtype.itemsize)
@@ -296,6 +293,16 @@ class MatrixOptimizer(ZooOptimizer):
             bounds = [i * size + min(i, extra) for i in range(count + 1)]
             chunks += [idx[a:b] for a, b in zip(bounds, bounds[1:])]
         return chunks
+
+    def _batch_budget(self, group: dict) -> float:
+        """The group's ``batch_budget`` in bytes; by default 4x the float32 bytes of the optimizer's largest
+        parameter (global shape), at least :data:`MIN_DEFAULT_BUDGET`. Also the owner ranks' budget on
+        sharded matrices (:mod:`optimzoo.distributed.owner`)."""
+        budget = group.get("batch_budget")
+        if budget is None:
+            largest = max(p.numel() for g in self.param_groups for p in g["params"])
+            budget = max(4 * 4 * largest, MIN_DEFAULT_BUDGET)
+        return budget
 
     def _chunk_bytes(self, group: dict, rows: int, cols: int, itemsize: int) -> int:
         """Estimated temporaries of the three stages per ``rows x cols`` matrix of a chunk: the
