@@ -1,5 +1,6 @@
-"""The eager (single-tensor) paths of the element-wise optimizers run over cache-sized pieces of each
-tensor (``optimzoo.optim._base.chunk_views``), so that a step's temporaries are piece-sized. Cut into
+"""The eager (single-tensor) and foreach paths of the element-wise optimizers run over cache-sized pieces
+of each tensor (``optimzoo.optim._base.chunk_views``, ``foreach_chunks``), so that a step's temporaries
+are piece-sized. Cut into
 pieces of a few elements (ragged: 37 does not divide the sizes), an element-wise update must give the
 same bits as one call on the whole tensor; Stable-SPAM, whose norm is summed piece by piece, the same
 numbers to the rounding of that sum; and both the official code's (tests/test_spam.py)."""
@@ -43,11 +44,12 @@ def run(name: str, hp: dict, chunk: int | None, monkeypatch, foreach: bool = Fal
     return [p.detach().clone() for p in params], [dict(opt.state[p]) for p in params], log
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_elementwise_pieces_are_bitwise_whole(case, monkeypatch):
+def test_elementwise_pieces_are_bitwise_whole(case, foreach, monkeypatch):
     name, hp = CASES[case]
-    whole = run(name, hp, None, monkeypatch)
-    pieces = run(name, hp, 37, monkeypatch)
+    whole = run(name, hp, None, monkeypatch, foreach)
+    pieces = run(name, hp, 37, monkeypatch, foreach)
     for a, b in zip(whole[0], pieces[0]):
         assert torch.equal(a, b)
     for sa, sb in zip(whole[1], pieces[1]):

@@ -21,10 +21,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.fx.experimental import _config as shape_config
 from torch.optim import Optimizer
 
-from ..ops.reduce import local_tensor
+from ..ops.reduce import local_tensor, reduce_shards
 from ._checkpoint import CheckpointMixin
 
 __all__ = [
@@ -186,18 +187,32 @@ def foreach_chunks(tensor_lists: Sequence[Sequence[torch.Tensor]],
         yield groups, sources
 
 
+def _local_pieces(tensors: Sequence[torch.Tensor]) -> tuple[list[list[torch.Tensor]], torch.Tensor | None]:
+    """:func:`chunk_views` of ``tensors``, of their local shards when they are ``DTensor`` s sharded alike
+    (an element-wise update of the shards is the update of the whole); and the ``DTensor`` over whose shards
+    the pieces' counts must be summed (None for plain tensors)."""
+    first = tensors[0]
+    if hasattr(first, "device_mesh") and all(
+            getattr(t, "device_mesh", None) == first.device_mesh and t.placements == first.placements for t in tensors):
+        return chunk_views([local_tensor(t) for t in tensors]), first
+    return chunk_views(tensors), None
+
+
 def piecewise(fn: Callable) -> Callable:
     """``fn``, an element-wise single-tensor update ``fn(*tensors, *scalars, **static)``, as an eager
     runner ``run(tensors, scalars, **static)`` over the pieces of :func:`chunk_views`: the same numbers
     as one call (every output element depends only on the same element of the inputs), with piece-sized
     temporaries instead of tensor-sized ones. ``fn`` returns None or a 0-d tensor that adds up over the
-    pieces (a count)."""
+    pieces (a count). ``DTensor`` s sharded alike are updated through their local shards (no DTensor
+    dispatch per op), and a count is then summed over the shards."""
 
     def run(tensors: Sequence[torch.Tensor], scalars: Sequence, **static):
-        results = [fn(*piece, *scalars, **static) for piece in chunk_views(tensors)]
-        if results[0] is None or len(results) == 1:
-            return results[0]
-        return torch.stack(results).sum()
+        pieces, sharded = _local_pieces(tensors)
+        results = [fn(*piece, *scalars, **static) for piece in pieces]
+        if results[0] is None:
+            return None
+        total = results[0] if len(results) == 1 else torch.stack(results).sum()
+        return total if sharded is None else reduce_shards(total.clone(), sharded, dist.ReduceOp.SUM)
 
     run.__name__ = f"piecewise_{fn.__name__}"
     return run

@@ -36,6 +36,7 @@ from ._base import (
     check_range,
     chunk_views,
     foreach_adam_moments_,
+    foreach_chunks,
     fused_kernel,
     piecewise,
 )
@@ -90,27 +91,30 @@ _fused_spam = fused_kernel(_single_tensor_spam, eager=piecewise(_single_tensor_s
 
 def _multi_tensor_spam(params, grads, exp_avgs, exp_avg_sqs, step_sizes, *, beta1, beta2, eps, neg_lr_wd, threshold,
                        reset, clip) -> list[torch.Tensor]:
-    """SPAM with ``torch._foreach_*`` ops; the spike clipping per tensor. Returns clip counts per device."""
+    """SPAM with ``torch._foreach_*`` ops, tensors grouped by device and dtype and run in cache-sized chunks
+    (:func:`~optimzoo.optim._base.foreach_chunks`: the update is element-wise, the clip counts add up over
+    pieces); the spike clipping per piece. Returns the clip counts (per piece)."""
     counts = []
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs],
                                                            with_indices=True)
-    for (ps, gs, ms, vs), idx in grouped.values():
-        if reset:
-            torch._foreach_zero_(ms)
-            torch._foreach_zero_(vs)
-        if clip:
-            limits = torch._foreach_mul(vs, threshold)
-            masks = [g * g > lim for g, lim in zip(gs, limits)]
-            gs = [torch.where(m, g.sign() * lim.sqrt(), g) for m, g, lim in zip(masks, gs, limits)]
-            counts += [count_true(m) for m in masks]
-        foreach_adam_moments_(ms, vs, gs, beta1, beta2)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_add_(denom, eps)
-        update = torch._foreach_div(ms, denom)
-        torch._foreach_mul_(update, [step_sizes[i] for i in idx])
-        torch._foreach_sub_(ps, update)
-        if neg_lr_wd != 0.0:
-            torch._foreach_add_(ps, torch._foreach_mul(ps, neg_lr_wd))
+    for tensors, idx in grouped.values():
+        for (ps, gs, ms, vs), sources in foreach_chunks(tensors):
+            if reset:
+                torch._foreach_zero_(ms)
+                torch._foreach_zero_(vs)
+            if clip:
+                limits = torch._foreach_mul(vs, threshold)
+                masks = [g * g > lim for g, lim in zip(gs, limits)]
+                gs = [torch.where(m, g.sign() * lim.sqrt(), g) for m, g, lim in zip(masks, gs, limits)]
+                counts += [count_true(m) for m in masks]
+            foreach_adam_moments_(ms, vs, gs, beta1, beta2)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, eps)
+            update = torch._foreach_div(ms, denom)
+            torch._foreach_mul_(update, [step_sizes[idx[j]] for j in sources])
+            torch._foreach_sub_(ps, update)
+            if neg_lr_wd != 0.0:
+                torch._foreach_add_(ps, torch._foreach_mul(ps, neg_lr_wd))
     return counts
 
 
