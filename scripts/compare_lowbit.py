@@ -8,8 +8,8 @@ by side: the final eval loss with its seed interval, and the signs of instabilit
         --group lowbit-int4 -- --quant int4           # and --group lowbit-fp4 -- --quant fp4
     .venv/bin/python scripts/compare_lowbit.py runs/lowbit-none runs/lowbit-int4 runs/lowbit-fp4 --out docs/results/lowbit
 
-Runs are read and grouped by ``compare_runs.py`` (per optimizer, lr and quantization, over seeds; runs that
-differ in anything else are refused). Per row: ``n`` seeds, the mean final eval loss and its 95% t-interval,
+Runs are read and grouped by ``compare_runs.py`` (per optimizer, lr and quantization, over seeds); runs that
+differ in anything but those and the seed are refused, naming the settings. Per row: ``n`` seeds, the mean final eval loss and its 95% t-interval,
 its difference from AdamW without quantization (the paper's yardstick is 16-bit Adam), and from the logged
 records (every ``--logging_steps``): **loss spikes** (records whose training loss is above the previous
 record's by more than ``SPIKE``, relative), **grad-norm spike** (the largest logged gradient norm over the
@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_runs import aggregate, load_runs  # noqa: E402
+from compare_runs import SWEPT, aggregate, check_settings, load_runs  # noqa: E402
 
 from optimzoo.cli import brief_usage, fail  # noqa: E402
 
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> str:
     runs = load_runs(args.paths)
     if not runs:
         fail(ap, f"no finished runs under {', '.join(map(str, args.paths))}")
+    mixed = check_settings(runs, "the runs", SWEPT | {"quant"})  # one comparison: only quant may differ
+    if mixed:
+        fail(ap, mixed)
     try:
         rows = rows_of(runs)
     except ValueError as e:
