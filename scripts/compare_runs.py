@@ -317,7 +317,8 @@ class LrPoint:
 
     @property
     def std(self) -> float | None:
-        return statistics.stdev(self.losses) if self.n > 1 else None
+        finite = all(math.isfinite(x) for x in self.losses)  # a diverged run (inf) has no spread to report
+        return statistics.stdev(self.losses) if self.n > 1 and finite else None
 
     @property
     def ci95(self) -> tuple[float, float] | None:

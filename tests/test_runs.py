@@ -247,3 +247,31 @@ def test_study_plan_names_every_stage_and_runs_nothing(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
     full = study.main(["--dry-run", "--runs_dir", str(tmp_path / "runs")])
     assert full == 0 and f"{len(sweep.default_optimizers())} optimizers" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the low-bit comparison
+
+import compare_lowbit  # noqa: E402
+
+
+def _lowbit_run(optim: str, quant: str | None, seed: int, losses: list[float], norms: list[float], final: float):
+    settings = {"optim": optim, "learning_rate": 1e-3, "seed": seed, "quant": quant, "max_steps": 10}
+    records = [{"step": float(i), "loss": x, "grad_norm": g} for i, (x, g) in enumerate(zip(losses, norms), 1)]
+    return compare_runs.Run(name=f"{optim}-{quant}-{seed}", optim=optim, lr=1e-3, seed=seed, eval_loss=final,
+                            records=records, settings=settings)
+
+
+def test_lowbit_rows_count_spikes_divergence_and_compare_to_fp32_adamw():
+    calm, norms = [3.0, 2.5, 2.2, 2.0], [1.0, 1.0, 1.0, 1.0]
+    runs = [_lowbit_run("adamw", None, s, calm, norms, 2.0 + 0.01 * s) for s in range(3)]
+    runs += [_lowbit_run("adamw", "int4", s, [3.0, 2.5, 2.8, 2.6], [1.0, 1.0, 10.0, 1.0], 2.6) for s in range(2)]
+    runs.append(_lowbit_run("adamw", "int4", 2, [3.0, 2.9, float("nan"), float("nan")], norms, float("nan")))
+    rows = {(r["optimizer"], r["quant"]): r for r in compare_lowbit.rows_of(runs)}
+    fp32, int4 = rows["adamw", "none"], rows["adamw", "int4"]
+    assert fp32["n"] == 3 and math.isclose(fp32["eval_loss_mean"], 2.01) and fp32["vs_adamw_none"] == 0
+    assert fp32["loss_spikes"] == 0 and fp32["diverged"] == 0 and fp32["grad_norm_spike"] == 1.0
+    # 2.5 -> 2.8 is a spike (> 5%), in two runs; the NaN run diverged; 10 / median 1 is the grad-norm spike
+    assert int4["loss_spikes"] == 2 and int4["diverged"] == 1
+    assert int4["eval_loss_mean"] == math.inf and int4["eval_loss_std"] is None  # not a crash (it was one)
+    assert math.isclose(int4["grad_norm_spike"], (10.0 + 10.0 + 1.0) / 3)
+    assert "| int4 | adamw |" in compare_lowbit.markdown(list(rows.values()))
