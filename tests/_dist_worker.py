@@ -136,20 +136,26 @@ def count_transforms(opt) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
+def one_process_reference(name: str, hp: dict, kind: str) -> tuple[dict, dict | None]:
+    """On rank 0: STEPS steps of one unsharded process, its final weights and transform counts (None and an
+    empty dict on the other ranks)."""
+    out: dict = {}
+    if dist.get_rank() != 0:
+        return out, None
+    model, opt = build(name, make_model(kind), **hp)
+    single = count_transforms(opt)
+    train(model, opt, kind, 0, STEPS)
+    out["single_transforms"] = single[0]
+    out["matrices"] = len(opt.routing_plan.names("matrix"))
+    out["row_local"] = hasattr(opt, "_transform_row_blocks")
+    return out, full_params(model)
+
+
 def parity_case(name: str, hp: dict, kind: str) -> dict:
     """One optimizer on a sharded model vs one process: STEPS steps, the optimizer built after and
     before ``fully_shard`` (accelerate swaps the parameters in ``param_groups``), and a zero-gradient,
     lr-0 step on fresh state (what DCP does to create state)."""
-    out: dict = {}
-    reference = None
-    if dist.get_rank() == 0:
-        model, opt = build(name, make_model(kind), **hp)
-        single = count_transforms(opt)
-        train(model, opt, kind, 0, STEPS)
-        reference = full_params(model)
-        out["single_transforms"] = single[0]
-        out["matrices"] = len(opt.routing_plan.names("matrix"))
-        out["row_local"] = hasattr(opt, "_transform_row_blocks")
+    out, reference = one_process_reference(name, hp, kind)
 
     model, opt = build(name, shard(make_model(kind)), **hp)
     counter = count_transforms(opt)
@@ -274,16 +280,7 @@ def hsdp_mesh():
 def hsdp_parity(name: str, hp: dict, kind: str, mesh) -> tuple[dict, dict | None]:
     """STEPS steps on ``mesh`` vs one process (rank 0); every rank's ``[replica, shard]`` coordinate,
     matrices transformed and ``_transform`` calls. Returns the result and (rank 0) the final weights."""
-    out: dict = {}
-    reference = None
-    if dist.get_rank() == 0:
-        model, opt = build(name, make_model(kind), **hp)
-        single = count_transforms(opt)
-        train(model, opt, kind, 0, STEPS)
-        reference = full_params(model)
-        out["single_transforms"] = single[0]
-        out["matrices"] = len(opt.routing_plan.names("matrix"))
-        out["row_local"] = hasattr(opt, "_transform_row_blocks")
+    out, reference = one_process_reference(name, hp, kind)
     model, opt = build(name, shard(make_model(kind), mesh), **hp)
     counter = count_transforms(opt)
     train(model, opt, kind, 0, STEPS)

@@ -129,6 +129,28 @@ def _adaclip(grad, gmax, threshold):
     return mask, torch.where(mask, grad / gmax * threshold, grad)
 
 
+def _adagn_scale(norm, m_norm, v_norm, gamma1, one_minus_gamma1, bc_gamma1, gamma2, one_minus_gamma2, bc_gamma2,
+                 eps):
+    """AdaGN: update the norm statistics in place; the target norm ``c = m^_norm / (sqrt(v^_norm) + eps)``."""
+    m_norm.copy_(m_norm * gamma1 + norm * one_minus_gamma1)
+    v_norm.copy_(v_norm * gamma2 + norm * norm * one_minus_gamma2)
+    return (m_norm / bc_gamma1) / ((v_norm / bc_gamma2).sqrt() + eps)
+
+
+def _adam_update_(param, g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,
+                  step_size, zero_before: bool, zero_after: bool) -> None:
+    """Stable-SPAM's Adam step in place (moments zeroed before or after it on a reset step)."""
+    if zero_before:
+        exp_avg.zero_()
+        exp_avg_sq.zero_()
+    exp_avg.mul_(beta1).add_(g * one_minus_beta1)
+    exp_avg_sq.mul_(beta2).add_(g * g * one_minus_beta2)
+    param.sub_(exp_avg / (exp_avg_sq.sqrt() / bc2_sqrt + eps) * step_size)
+    if zero_after:
+        exp_avg.zero_()
+        exp_avg_sq.zero_()
+
+
 def _single_tensor_stable_spam(param, grad, exp_avg, exp_avg_sq, m_norm, v_norm, m_max, decay, theta,
                                one_minus_theta, bc_theta, gamma1, one_minus_gamma1, bc_gamma1, gamma2,
                                one_minus_gamma2, bc_gamma2, eps, beta1, one_minus_beta1, beta2, one_minus_beta2,
@@ -147,20 +169,11 @@ def _single_tensor_stable_spam(param, grad, exp_avg, exp_avg_sq, m_norm, v_norm,
     mask, clipped_grad = _adaclip(grad, gmax, threshold)
     # AdaGN: the gradient rescaled to norm c = m^_norm / (sqrt(v^_norm) + eps)
     norm = tensor_l2_norm(clipped_grad.float())
-    m_norm.copy_(m_norm * gamma1 + norm * one_minus_gamma1)
-    v_norm.copy_(v_norm * gamma2 + norm * norm * one_minus_gamma2)
-    c = (m_norm / bc_gamma1) / ((v_norm / bc_gamma2).sqrt() + eps)
+    c = _adagn_scale(norm, m_norm, v_norm, gamma1, one_minus_gamma1, bc_gamma1, gamma2, one_minus_gamma2,
+                     bc_gamma2, eps)
     g = torch.where(norm > 0, clipped_grad / norm * c, clipped_grad)
-    # Adam with the scaled beta1
-    if zero_before:
-        exp_avg.zero_()
-        exp_avg_sq.zero_()
-    exp_avg.mul_(beta1).add_(g * one_minus_beta1)
-    exp_avg_sq.mul_(beta2).add_(g * g * one_minus_beta2)
-    param.sub_(exp_avg / (exp_avg_sq.sqrt() / bc2_sqrt + eps) * step_size)
-    if zero_after:
-        exp_avg.zero_()
-        exp_avg_sq.zero_()
+    _adam_update_(param, g, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,
+                  step_size, zero_before, zero_after)
     return count_true(mask), c
 
 
@@ -199,22 +212,14 @@ def _piecewise_stable_spam(items, zero_before: bool = False, zero_after: bool = 
         (m_norm, v_norm, _, decay, _, _, _, gamma1, one_minus_gamma1, bc_gamma1, gamma2, one_minus_gamma2,
          bc_gamma2, eps, beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, step_size) = scalars
         norm = sumsq.sqrt()
-        m_norm.copy_(m_norm * gamma1 + norm * one_minus_gamma1)
-        v_norm.copy_(v_norm * gamma2 + norm * norm * one_minus_gamma2)
-        c = (m_norm / bc_gamma1) / ((v_norm / bc_gamma2).sqrt() + eps)
+        c = _adagn_scale(norm, m_norm, v_norm, gamma1, one_minus_gamma1, bc_gamma1, gamma2, one_minus_gamma2,
+                         bc_gamma2, eps)
         for p, g, m, v in ps:
             _, g = _adaclip(g, gmax, threshold)
             g = torch.where(norm > 0, g / norm * c, g)
-            if zero_before:
-                m.zero_()
-                v.zero_()
-            m.mul_(beta1).add_(g * one_minus_beta1)
-            v.mul_(beta2).add_(g * g * one_minus_beta2)
             p.mul_(decay)
-            p.sub_(m / (v.sqrt() / bc2_sqrt + eps) * step_size)
-            if zero_after:
-                m.zero_()
-                v.zero_()
+            _adam_update_(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, step_size,
+                          zero_before, zero_after)
         out.append((clipped, c))
     return out
 
