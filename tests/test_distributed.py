@@ -56,6 +56,24 @@ def test_sharded_matches_one_process(main_job, case, model):
     assert r["max_diff"] <= TOL, f"{case} on {model}: max |sharded - one process| = {r['max_diff']:.3g}"
 
 
+#: metrics of whole tensors: every rank reports the one-process value (``nonfinite_grads`` is per rank)
+WHOLE_METRICS = ("clip_fraction", "adagn_scale", "resets", "row_scale_spread")
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("case", [c for c in CASE_IDS if "spam" in c])
+def test_sharded_metrics_match_one_process(main_job, case, model):
+    """SPAM's clip counts are counted per piece of the local shards and all-reduced per tensor; Stable-SPAM's
+    AdaGN scales come from all-reduced norms: the sharded job's metrics are the one-process ones."""
+    res = main_job[model][case]
+    want = res["reference_metrics"]
+    keys = [k for k in WHOLE_METRICS if k in want]
+    assert keys, want
+    for rank, got in enumerate(res["metrics"]):
+        for k in keys:
+            assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-12), (rank, k, got, want)
+
+
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("case", CASE_IDS)
 def test_optimizer_built_before_sharding(main_job, case, model):

@@ -147,7 +147,8 @@ def _eager_runners(kernels: dict[str, Callable], stats: Callable) -> dict[str, C
     * ``pass1``: ``stats(param, grad, *state, hp, **static)``, the row statistics of the projection, over
       :func:`row_blocks` (:func:`blocked_projection_stats`), then :func:`projection_scale` of the whole
       tensor's rows: returns ``(scale, project)`` per tensor;
-    * ``pass2``: the kernel over the same row blocks, each with its rows of ``scale``.
+    * ``pass2``: the kernel over the same row blocks, each with its rows of ``scale`` (None on the CPU
+      when nothing is projected: :func:`_skips`).
     """
     vector = piecewise(kernels["vector"])
     pass2 = kernels["pass2"]
@@ -162,6 +163,10 @@ def _eager_runners(kernels: dict[str, Callable], stats: Callable) -> dict[str, C
 
     def run_pass2(items: list[tuple], **static) -> None:
         for *tensors, scale, project, hp in items:
+            if _skips(project):  # nothing projected: the unprojected step, the same numbers
+                for rows in row_blocks(tensors[0]):
+                    pass2(*(t[rows] for t in tensors), None, project, hp, **static)
+                continue
             for rows in row_blocks(tensors[0]):
                 pass2(*(t[rows] for t in tensors), scale[rows], project, hp, **static)
 
@@ -245,18 +250,31 @@ def _adam_direction(grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: bool)
     return exp_avg / denom
 
 
-def _adam_step_(param, grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: bool, scale=None, project=None):
-    """Moments and weight in place: ``W <- W (1 - lr wd r) - step_size u``, with ``u`` projected by
-    ``scale`` (and ``r`` from ``project``) when given, else ``r = 1``."""
-    m, v = _adam_moments(grad, exp_avg, exp_avg_sq, hp)
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
-    update = _adam_direction(grad, m, v, hp, nesterov)
+def _adam_apply_(param, grad, exp_avg, exp_avg_sq, scale, project, hp: AdamPScalars, nesterov: bool = False):
+    """The weight in place from the moments ``exp_avg``, ``exp_avg_sq`` (already updated):
+    ``W <- W (1 - lr wd r) - step_size u``, with ``u`` projected by ``scale`` (and ``r`` from ``project``)
+    when it is not None, else ``r = 1``."""
+    update = _adam_direction(grad, exp_avg, exp_avg_sq, hp, nesterov)
     decay = 1 - hp.lr_wd
     if scale is not None:
         update = apply_projection_(update, param, scale)
         decay = 1 - hp.lr_wd * _decay_factor(project, hp.wd_ratio)
     param.mul_(decay).sub_(update * hp.step_size)
+
+
+def _adam_step_(param, grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: bool, scale=None, project=None):
+    """Moments and weight in place (:func:`_adam_apply_` of the new moments)."""
+    m, v = _adam_moments(grad, exp_avg, exp_avg_sq, hp)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    _adam_apply_(param, grad, m, v, scale, project, hp, nesterov)
+
+
+def _adam_moments_(grad, exp_avg, exp_avg_sq, hp: AdamPScalars) -> None:
+    """:func:`_adam_moments` written in place, in the same order of operations (the same numbers), with
+    one temporary the size of ``grad`` at a time (the eager path)."""
+    exp_avg.mul_(hp.beta1).add_(grad * hp.one_minus_beta1)
+    exp_avg_sq.mul_(hp.beta2).add_(torch.mul(grad, grad).mul_(hp.one_minus_beta2))
 
 
 def _adamp_stats(param, grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: bool = False):
@@ -280,8 +298,17 @@ def _adam_vector(param, grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: b
     _adam_step_(param, grad, exp_avg, exp_avg_sq, hp, nesterov)
 
 
+def _adamp_stats_(param, grad, exp_avg, exp_avg_sq, hp: AdamPScalars, nesterov: bool = False):
+    """Eager pass 1 (``(C, D)`` row blocks): the moments written in place, then :func:`projection_stats` of
+    their update. Eager, each elementary op is a pass over memory, so the moments are computed once and
+    stored, and pass 2 (:func:`_adam_apply_`) reads them; compiled, a pass is one loop nest and recomputing
+    them in pass 2 (:func:`_adamp_pass2`) is cheaper than writing them in pass 1."""
+    _adam_moments_(grad, exp_avg, exp_avg_sq, hp)
+    return projection_stats(param, grad, _adam_direction(grad, exp_avg, exp_avg_sq, hp, nesterov))
+
+
 _ADAMP_KERNELS = {"pass1": _adamp_pass1, "pass2": _adamp_pass2, "vector": _adam_vector}
-_ADAMP = _eager_runners(_ADAMP_KERNELS, _adamp_stats)
+_ADAMP = _eager_runners({"vector": _adam_vector, "pass2": _adam_apply_}, _adamp_stats_)
 _FUSED_ADAMP = {name: fused_kernel(fn) for name, fn in _ADAMP_KERNELS.items()}
 
 

@@ -66,8 +66,7 @@ def _multi_tensor_diffgrad(params, grads, exp_avgs, exp_avg_sqs, previous_grads,
             friction = torch._foreach_sub(prevs, gs)
             torch._foreach_abs_(friction)
             torch._foreach_sigmoid_(friction)  # 1 / (1 + exp(-|g_prev - g|))
-            for prev, g in zip(prevs, gs):  # (DTensor has no sharding rule for _foreach_copy_)
-                prev.copy_(g)
+            torch._foreach_copy_(prevs, gs)  # (pieces of local shards: plain tensors)
             torch._foreach_mul_(friction, ms)
             torch._foreach_addcdiv_(ps, friction, denom, [-step_sizes[idx[j]] for j in sources])
 

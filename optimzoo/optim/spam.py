@@ -93,8 +93,9 @@ def _multi_tensor_spam(params, grads, exp_avgs, exp_avg_sqs, step_sizes, *, beta
                        reset, clip) -> list[torch.Tensor]:
     """SPAM with ``torch._foreach_*`` ops, tensors grouped by device and dtype and run in cache-sized chunks
     (:func:`~optimzoo.optim._base.foreach_chunks`: the update is element-wise, the clip counts add up over
-    pieces); the spike clipping per piece. Returns the clip counts (per piece)."""
-    counts = []
+    pieces); the spike clipping per piece. Returns the clip count of each tensor (of the whole tensor on
+    ``DTensor`` s: the local counts are all-reduced, one all-reduce per group of tensors sharded alike)."""
+    counts: list[torch.Tensor | None] = [None] * len(params)
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs],
                                                            with_indices=True)
     for tensors, idx in grouped.values():
@@ -106,7 +107,9 @@ def _multi_tensor_spam(params, grads, exp_avgs, exp_avg_sqs, step_sizes, *, beta
                 limits = torch._foreach_mul(vs, threshold)
                 masks = [g * g > lim for g, lim in zip(gs, limits)]
                 gs = [torch.where(m, g.sign() * lim.sqrt(), g) for m, g, lim in zip(masks, gs, limits)]
-                counts += [count_true(m) for m in masks]
+                for j, mask in zip(sources, masks):
+                    k = idx[j]
+                    counts[k] = count_true(mask) if counts[k] is None else counts[k] + count_true(mask)
             foreach_adam_moments_(ms, vs, gs, beta1, beta2)
             denom = torch._foreach_sqrt(vs)
             torch._foreach_add_(denom, eps)
@@ -115,7 +118,9 @@ def _multi_tensor_spam(params, grads, exp_avgs, exp_avg_sqs, step_sizes, *, beta
             torch._foreach_sub_(ps, update)
             if neg_lr_wd != 0.0:
                 torch._foreach_add_(ps, torch._foreach_mul(ps, neg_lr_wd))
-    return counts
+    if not clip:
+        return []
+    return reduce_shards_many(counts, grads, dist.ReduceOp.SUM)
 
 
 # --------------------------------------------------------------------------------------------
