@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch.optim import Optimizer
 
-from ..ops.reduce import global_amax, global_sum
+from ..ops.reduce import global_amax, global_sum, local_tensor
 from . import _base
 from ._base import (
     ZooOptimizer,
@@ -181,7 +181,7 @@ def _skips(project: torch.Tensor) -> bool:
 
 def _matrix_view(t: torch.Tensor) -> torch.Tensor:
     """The channel view ``(size(0), -1)`` of a weight (a view, as the tensors are contiguous)."""
-    return t.view(t.size(0), -1)
+    return t.view(t.size(0), t.shape[1:].numel())  # (not -1: an empty row shard has 0 rows)
 
 
 def _thresholds(p: torch.Tensor, delta: float) -> tuple[float, float]:
@@ -228,13 +228,50 @@ class AdamPScalars(NamedTuple):
     threshold_layer: torch.Tensor
 
 
-def _foreach_projection(p, g, numer, denom, eps, delta) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_local(tensors: list[torch.Tensor]) -> bool:
+    """Whether ``tensors`` (a parameter, its gradient and state) are ``DTensor`` s sharded alike and only
+    along rows (FSDP2's ``Shard(0)``, HSDP's ``(Replicate(), Shard(0))``): then each rank holds whole rows,
+    the foreach path runs on the local shards (no DTensor dispatch per op) and only the projection's
+    row statistics are reduced across ranks (:func:`_foreach_projection`)."""
+    first = tensors[0]
+    return hasattr(first, "device_mesh") and all(
+        getattr(t, "device_mesh", None) == first.device_mesh and t.placements == first.placements for t in tensors
+    ) and all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in first.placements)
+
+
+def _local_lists(lists: list[list[torch.Tensor]]) -> tuple[list[list[torch.Tensor]], list[torch.Tensor | None]]:
+    """Parallel lists of parameters, gradients and state as their local shards when every index is
+    :func:`_row_local` (a foreach op takes plain tensors or ``DTensor`` s, not both), and per index the
+    ``DTensor`` parameter they are shards of; else the lists as they are and Nones."""
+    n = len(lists[0])
+    if not all(_row_local([lst[i] for lst in lists]) for i in range(n)):
+        return lists, [None] * n
+    return [[t.to_local() for t in lst] for lst in lists], list(lists[0])
+
+
+def _sharded_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-row statistics of the local rows of ``like`` (a :func:`_row_local` ``DTensor``) as a ``DTensor``
+    of ``like.size(0)`` rows placed as ``like``'s, so that :func:`projection_scale`'s whole-tensor
+    reductions are all-reduced over the shards."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(rows, like.device_mesh, like.placements, run_check=False,
+                              shape=torch.Size([like.size(0)]), stride=(1,))
+
+
+def _foreach_projection(p, g, numer, denom, eps, delta, like=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, project)`` of one tested tensor on a foreach path, for the update ``numer / denom``
-    (``numer`` if no ``denom``), the statistics over row blocks."""
-    th_c, th_l = ZooOptimizer._scalars(p.device, *_thresholds(p, delta))
+    (``numer`` if no ``denom``), the statistics over row blocks. With ``like`` (see :func:`_local_lists`)
+    the tensors are its local shards: the statistics are reduced over the shards and ``scale`` holds the
+    local rows."""
+    th_c, th_l = ZooOptimizer._scalars(p.device, *_thresholds(p if like is None else like, delta))
     views = [_matrix_view(t) for t in (p, g, numer, denom) if t is not None]
     stats = projection_stats if denom is None else lambda w, gr, n, d: projection_stats(w, gr, n / d)
-    return projection_scale(blocked_projection_stats(stats, *views), eps, th_c, th_l)
+    stats = blocked_projection_stats(stats, *views)
+    if like is not None:
+        stats = tuple(_sharded_rows(s, like) for s in stats)
+    scale, project = projection_scale(stats, eps, th_c, th_l)
+    return local_tensor(scale), project
 
 
 def _adam_moments(grad, exp_avg, exp_avg_sq, hp: AdamPScalars) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +355,8 @@ def _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, bc2_sqrts, step_si
     projected get ``W <- W - step_size m / denom`` in one ``addcdiv``; projected ones are updated
     over row blocks, in the official order (``u - w scale`` first, then ``W (1 - lr wd r) - step u``)."""
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs], with_indices=True)
-    for (device, _), ((ps, gs, ms, vs), idx) in grouped.items():
+    for (device, _), (tensors, idx) in grouped.items():
+        (ps, gs, ms, vs), likes = _local_lists(tensors)
         device = ps[0].device if device is None else device  # (None, None) under torch.compile
         steps = [step_sizes[i] for i in idx]
         foreach_adam_moments_(ms, vs, gs, beta1, beta2)
@@ -335,7 +373,7 @@ def _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, bc2_sqrts, step_si
         for k, (p, g) in enumerate(zip(ps, gs)):
             decay = 1 - lr_wd
             if _projects(p):
-                scale, project = _foreach_projection(p, g, numer[k], denom[k], eps_t, delta)
+                scale, project = _foreach_projection(p, g, numer[k], denom[k], eps_t, delta, likes[k])
                 decay = 1 - lr_wd * _decay_factor(project, ratio_t)
                 if not _skips(project):
                     w, nv, dv = (_matrix_view(t) for t in (p, numer[k], denom[k]))
@@ -423,7 +461,8 @@ def _multi_tensor_sgdp(params, grads, bufs, *, lr, momentum, dampening, wd_scale
                        nesterov):
     """SGDP with ``torch._foreach_*`` ops; the projection's statistics per tensor over row blocks."""
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, bufs])
-    for (device, _), ((ps, gs, bs), _) in grouped.items():
+    for (device, _), (tensors, _) in grouped.items():
+        (ps, gs, bs), likes = _local_lists(tensors)
         device = ps[0].device if device is None else device  # (None, None) under torch.compile
         torch._foreach_mul_(bs, momentum)
         torch._foreach_add_(bs, gs, alpha=1 - dampening)
@@ -432,7 +471,7 @@ def _multi_tensor_sgdp(params, grads, bufs, *, lr, momentum, dampening, wd_scale
         for k, (p, g) in enumerate(zip(ps, gs)):
             decay = 1 - wd_scaled
             if _projects(p):
-                scale, project = _foreach_projection(p, g, updates[k], None, eps_t, delta)
+                scale, project = _foreach_projection(p, g, updates[k], None, eps_t, delta, likes[k])
                 if not _skips(project):
                     apply_projection_(_matrix_view(updates[k]), _matrix_view(p), scale)
                 decay = 1 - wd_scaled * _decay_factor(project, ratio_t)
