@@ -22,9 +22,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
-from ..ops.reduce import global_amax, global_sum, local_tensor
+from ..ops.reduce import global_amax, global_sum, reduce_shards_many
 from . import _base
 from ._base import (
     ZooOptimizer,
@@ -110,14 +111,30 @@ def projection_scale(
     0 where nothing is projected) and ``project`` is a 0-d bool (the weight decay of a projected
     tensor is multiplied by ``wd_ratio``).
     """
-    dot_gw, sq_g, sq_w, dot_wu = stats
-    norm_w = sq_w.sqrt()
-    cos_channel = dot_gw.abs() / (sq_g.sqrt() + eps) / (norm_w + eps)
-    channel = total_max(cos_channel) < threshold_channel
-    layer_norm_w = total_sum(sq_w).sqrt()
-    cos_layer = total_sum(dot_gw).abs() / (total_sum(sq_g).sqrt() + eps) / (layer_norm_w + eps)
+    totals = tuple(total_sum(rows) for rows in stats)
+    return projection_from_totals(stats, total_max(channel_cosines(stats, eps)), totals, eps, threshold_channel,
+                                  threshold_layer)
+
+
+def channel_cosines(stats: tuple[torch.Tensor, ...], eps: torch.Tensor) -> torch.Tensor:
+    """Per row, ``cos(g_i, w_i)`` from the row statistics of :func:`projection_stats`."""
+    dot_gw, sq_g, sq_w, _ = stats
+    return dot_gw.abs() / (sq_g.sqrt() + eps) / (sq_w.sqrt() + eps)
+
+
+def projection_from_totals(stats: tuple[torch.Tensor, ...], channel_max: torch.Tensor,
+                           totals: tuple[torch.Tensor, ...], eps: torch.Tensor, threshold_channel: torch.Tensor,
+                           threshold_layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`projection_scale` from the row statistics, the largest channel cosine and the statistics'
+    sums over all rows (``totals``, the layer view): the whole-tensor reductions done by the caller (on
+    shards, all-reduced together for many tensors: :func:`_foreach_projections`)."""
+    _, _, sq_w, dot_wu = stats
+    total_gw, total_g, total_w, total_wu = totals
+    channel = channel_max < threshold_channel
+    layer_norm_w = total_w.sqrt()
+    cos_layer = total_gw.abs() / (total_g.sqrt() + eps) / (layer_norm_w + eps)
     project = torch.logical_or(channel, cos_layer < threshold_layer)
-    scale = torch.where(channel, dot_wu / (norm_w + eps).square(), total_sum(dot_wu) / (layer_norm_w + eps).square())
+    scale = torch.where(channel, dot_wu / (sq_w.sqrt() + eps).square(), total_wu / (layer_norm_w + eps).square())
     return torch.where(project, scale, torch.zeros_like(scale)), project
 
 
@@ -232,7 +249,7 @@ def _row_local(tensors: list[torch.Tensor]) -> bool:
     """Whether ``tensors`` (a parameter, its gradient and state) are ``DTensor`` s sharded alike and only
     along rows (FSDP2's ``Shard(0)``, HSDP's ``(Replicate(), Shard(0))``): then each rank holds whole rows,
     the foreach path runs on the local shards (no DTensor dispatch per op) and only the projection's
-    row statistics are reduced across ranks (:func:`_foreach_projection`)."""
+    row statistics are reduced across ranks (:func:`_foreach_projections`)."""
     first = tensors[0]
     return hasattr(first, "device_mesh") and all(
         getattr(t, "device_mesh", None) == first.device_mesh and t.placements == first.placements for t in tensors
@@ -249,29 +266,30 @@ def _local_lists(lists: list[list[torch.Tensor]]) -> tuple[list[list[torch.Tenso
     return [[t.to_local() for t in lst] for lst in lists], list(lists[0])
 
 
-def _sharded_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-row statistics of the local rows of ``like`` (a :func:`_row_local` ``DTensor``) as a ``DTensor``
-    of ``like.size(0)`` rows placed as ``like``'s, so that :func:`projection_scale`'s whole-tensor
-    reductions are all-reduced over the shards."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(rows, like.device_mesh, like.placements, run_check=False,
-                              shape=torch.Size([like.size(0)]), stride=(1,))
-
-
-def _foreach_projection(p, g, numer, denom, eps, delta, like=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, project)`` of one tested tensor on a foreach path, for the update ``numer / denom``
-    (``numer`` if no ``denom``), the statistics over row blocks. With ``like`` (see :func:`_local_lists`)
-    the tensors are its local shards: the statistics are reduced over the shards and ``scale`` holds the
-    local rows."""
-    th_c, th_l = ZooOptimizer._scalars(p.device, *_thresholds(p if like is None else like, delta))
-    views = [_matrix_view(t) for t in (p, g, numer, denom) if t is not None]
-    stats = projection_stats if denom is None else lambda w, gr, n, d: projection_stats(w, gr, n / d)
-    stats = blocked_projection_stats(stats, *views)
-    if like is not None:
-        stats = tuple(_sharded_rows(s, like) for s in stats)
-    scale, project = projection_scale(stats, eps, th_c, th_l)
-    return local_tensor(scale), project
+def _foreach_projections(items: list[tuple], eps: torch.Tensor, delta: float,
+                         likes: list[torch.Tensor | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(scale, project)`` of each tested tensor of a foreach path: ``items`` are ``(p, g, numer, denom)``
+    for the update ``numer / denom`` (``denom`` None: ``numer``), the statistics over row blocks. With
+    ``likes`` (:func:`_local_lists`) the tensors are local shards of whole rows: the whole-tensor reductions
+    of all the tensors are all-reduced together, one all-reduce per kind (:func:`reduce_shards_many`)
+    instead of five per tensor."""
+    stats, maxes, sums = [], [], []
+    for p, g, numer, denom in items:
+        views = [_matrix_view(t) for t in (p, g, numer, denom) if t is not None]
+        fn = projection_stats if denom is None else lambda w, gr, n, d: projection_stats(w, gr, n / d)
+        st = blocked_projection_stats(fn, *views)
+        cos = channel_cosines(st, eps)
+        stats.append(st)
+        maxes.append(cos.amax() if cos.numel() else torch.full((), -torch.inf, dtype=cos.dtype, device=cos.device))
+        sums.append(torch.stack([rows.sum() for rows in st]))
+    if any(like is not None for like in likes):
+        maxes = reduce_shards_many(maxes, likes, dist.ReduceOp.MAX)
+        sums = reduce_shards_many(sums, likes, dist.ReduceOp.SUM)
+    out = []
+    for (p, *_), like, st, mx, sm in zip(items, likes, stats, maxes, sums):
+        th_c, th_l = ZooOptimizer._scalars(p.device, *_thresholds(p if like is None else like, delta))
+        out.append(projection_from_totals(st, mx, tuple(sm.unbind()), eps, th_c, th_l))
+    return out
 
 
 def _adam_moments(grad, exp_avg, exp_avg_sq, hp: AdamPScalars) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,11 +387,14 @@ def _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, bc2_sqrts, step_si
         else:
             numer = ms
         eps_t, ratio_t = ZooOptimizer._scalars(device, eps, wd_ratio)
+        tested = [k for k, p in enumerate(ps) if _projects(p)]
+        projections = dict(zip(tested, _foreach_projections([(ps[k], gs[k], numer[k], denom[k]) for k in tested],
+                                                            eps_t, delta, [likes[k] for k in tested])))
         rest = []  # tensors left to the foreach update
-        for k, (p, g) in enumerate(zip(ps, gs)):
+        for k, p in enumerate(ps):
             decay = 1 - lr_wd
-            if _projects(p):
-                scale, project = _foreach_projection(p, g, numer[k], denom[k], eps_t, delta, likes[k])
+            if k in projections:
+                scale, project = projections[k]
                 decay = 1 - lr_wd * _decay_factor(project, ratio_t)
                 if not _skips(project):
                     w, nv, dv = (_matrix_view(t) for t in (p, numer[k], denom[k]))
@@ -468,10 +489,13 @@ def _multi_tensor_sgdp(params, grads, bufs, *, lr, momentum, dampening, wd_scale
         torch._foreach_add_(bs, gs, alpha=1 - dampening)
         updates = list(torch._foreach_add(gs, bs, alpha=momentum)) if nesterov else bs
         eps_t, ratio_t = ZooOptimizer._scalars(device, eps, wd_ratio)
-        for k, (p, g) in enumerate(zip(ps, gs)):
+        tested = [k for k, p in enumerate(ps) if _projects(p)]
+        projections = dict(zip(tested, _foreach_projections([(ps[k], gs[k], updates[k], None) for k in tested],
+                                                            eps_t, delta, [likes[k] for k in tested])))
+        for k, p in enumerate(ps):
             decay = 1 - wd_scaled
-            if _projects(p):
-                scale, project = _foreach_projection(p, g, updates[k], None, eps_t, delta, likes[k])
+            if k in projections:
+                scale, project = projections[k]
                 if not _skips(project):
                     apply_projection_(_matrix_view(updates[k]), _matrix_view(p), scale)
                 decay = 1 - wd_scaled * _decay_factor(project, ratio_t)
