@@ -30,7 +30,7 @@ and per optimizer, the fit redone each time). A ``D_eff`` outside the fitted bud
 flagged. Also, read from the curves without a fit: the tokens an optimizer needs to reach AdamW's final eval loss.
 
 **Time**: tokens/s is the tokens over the run clock's wall time summed over every session of a resumed run; the
-loss-vs-time plot uses steps x the run's median optimizer step time (``TIME_MEASURE``), which other work on the
+loss-vs-time plot uses steps x the run's median training step time (``TIME_MEASURE``), which other work on the
 machine distorts much less than wall time. Timing measured under contention (the run clock's load average above
 the cores) is marked ``*``.
 
@@ -74,7 +74,7 @@ KEYS = {
 }
 #: settings that a comparison sweeps: they may differ between the runs of one table
 SWEPT = frozenset({"optim", "learning_rate", "optim_args", "seed"})
-TIME_MEASURE = "steps x median optimizer step time (s)"
+TIME_MEASURE = "steps x median training step time (s)"
 BOOTSTRAP = 1000
 
 
@@ -455,6 +455,11 @@ def adamw_curve(budget_runs: list[Run], rng: random.Random, bootstrap: int = BOO
     return AdamWCurve(fit, sorted(statistics.fmean(t for t, _ in v) for v in by_budget.values()), resampled)
 
 
+#: relative slack of the extrapolation flag: a ``D_eff`` within 1% of AdamW's budgets is read as inside them
+#: (see :func:`speedup`; a speedup is not known to 1% from a 3-point fit anyway)
+FIT_RTOL = 1e-2
+
+
 def speedup(curve: AdamWCurve | None, runs: list[Run], rng: random.Random, bootstrap: int = BOOTSTRAP) -> dict | None:
     """``D_eff/D`` of ``runs`` (one optimizer at its best lr, seeds) against AdamW's ``curve``, with a 95% bootstrap
     interval over seeds (the optimizer's runs resampled with replacement, each draw against one of the curve's
@@ -476,8 +481,11 @@ def speedup(curve: AdamWCurve | None, runs: list[Run], rng: random.Random, boots
         draws.sort()
         ci = (draws[int(0.025 * (len(draws) - 1))], draws[int(0.975 * (len(draws) - 1))])
     a, b, c = curve.fit
+    # inside the budgets up to FIT_RTOL: AdamW's own runs at the largest budget read back D_eff = D within the
+    # fit's residual (0.19% in the main job), which must not flag AdamW as extrapolated against itself
+    low, high = min(curve.budgets) * (1 - FIT_RTOL), max(curve.budgets) * (1 + FIT_RTOL)
     return {"value": value, "ci95": ci, "fit": {"a": a, "b": b, "c": c, "budgets": curve.budgets},
-            "extrapolated": not min(curve.budgets) <= value * d <= max(curve.budgets)}
+            "extrapolated": not low <= value * d <= high}
 
 
 # ------------------------------------------------------------------ output

@@ -152,6 +152,17 @@ def test_speedup_fit_recovers_a_known_effective_token_ratio(k):
     assert sp["fit"]["b"] == pytest.approx(B, rel=0.1)
 
 
+def test_adamw_against_its_own_curve_is_one_and_not_extrapolated():
+    """The main job's case (its real tokens and eval losses at 50, 100 and 150 steps, one seed): AdamW's own run
+    at the largest budget reads back D_eff/D = 1.0019 (the fit's residual), inside the budgets' range."""
+    points = [(86009, 2.80081021478824), (171544, 2.4807517307016753), (257228, 2.3076337973508405)]
+    adamw = [_run("adamw", 3e-3, 0, loss, tokens=d) for d, loss in points]
+    rng = random.Random(0)
+    sp = compare_runs.speedup(compare_runs.adamw_curve(adamw, rng), adamw[-1:], rng)
+    assert sp["value"] == pytest.approx(1.0, abs=0.005)
+    assert sp["extrapolated"] is False
+
+
 def test_speedup_needs_three_budgets_and_says_none_otherwise():
     adamw = [_run("adamw", 3e-3, 0, _adamw(d), tokens=d) for d in (1e5, 2e5)]
     assert compare_runs.adamw_curve(adamw, random.Random(0)) is None

@@ -163,7 +163,8 @@ class RunClock(TrainerCallback, ExportableState):
             ``session_s`` (wall time of this session), ``tokens_per_s`` (this session) and ``eta_s``.
 
     Attributes (summed over sessions, restored on resume): ``sessions``, ``wall_s``, ``cpu_s`` (process CPU time,
-    all threads), ``step_ms`` (every timed optimizer step), ``load`` (1-minute load averages), ``cores``.
+    all threads), ``step_ms`` (every timed training step: forward, backward and optimizer, from the
+    Trainer's step begin to step end), ``load`` (1-minute load averages), ``cores``.
     """
 
     def __init__(self, progress_every_s: float = 5.0):
