@@ -495,6 +495,22 @@ def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _bound(value: float) -> str:
+    """An interval end: ``inf`` for an unbounded one (a speedup whose loss lies below some bootstrap fit's floor)."""
+    return "inf" if value == math.inf else _num(value, 2)
+
+
+def _json_safe(value):
+    """``value`` with infinite and NaN floats as None, so that ``results.json`` is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _mean_series(runs: list[Run], x: str, y: str) -> tuple[list[float], list[float], list[float]]:
     """(mean x, mean y, 95% half-width of y) over the runs, at the steps where every run logged both (seeds
     see different token counts at one step, so the runs are aligned by step)."""
@@ -553,7 +569,7 @@ def markdown_table(rows: list[dict]) -> str:
         loss = _num(r["eval_loss_mean"]) + (f" ± {_num(r['eval_loss_std'])}" if r["eval_loss_std"] is not None else "")
         sp = _num(r["speedup_vs_adamw"], 2)
         if r["speedup_ci95"]:
-            sp += f" ({_num(r['speedup_ci95'][0], 2)}-{_num(r['speedup_ci95'][1], 2)})"
+            sp += f" ({_bound(r['speedup_ci95'][0])}-{_bound(r['speedup_ci95'][1])})"
         star = "*" if r["timing_contended"] else ""
         notes = [n for n, on in (("edge: widen the grid", r["edge_lr"]),
                                  ("speedup extrapolated", r["speedup_extrapolated"]),
@@ -574,10 +590,11 @@ def results_json(rows: list[dict], title: str, settings: dict | None, fit: dict 
     ``seeds``, ``n``, ``eval_loss_mean``, ``eval_loss_std``, ``eval_loss_ci95`` [low, high], ``tokens``,
     ``speedup_vs_adamw``, ``speedup_ci95`` [low, high], ``edge_lr``, plus ``speedup_extrapolated``,
     ``tokens_to_adamw_loss``, ``tokens_per_s``, ``median_step_ms``, ``timing_contended``, ``state_MB``,
-    ``perplexity``, ``per_lr``; null where not estimable), ``adamw_fit`` (a, b, c, budgets), ``settings`` (the
-    common run settings), ``time_measure``, ``mixed_settings`` (the note when ``--allow-mixed`` let them in)."""
-    return {"title": title, "optimizers": rows, "adamw_fit": fit, "settings": settings,
-            "time_measure": TIME_MEASURE, "mixed_settings": mixed}
+    ``perplexity``, ``per_lr``; null where not estimable, and an unbounded end of ``speedup_ci95`` is null too),
+    ``adamw_fit`` (a, b, c, budgets), ``settings`` (the common run settings), ``time_measure``,
+    ``mixed_settings`` (the note when ``--allow-mixed`` let them in). Strict JSON: no ``Infinity`` or ``NaN``."""
+    return _json_safe({"title": title, "optimizers": rows, "adamw_fit": fit, "settings": settings,
+                       "time_measure": TIME_MEASURE, "mixed_settings": mixed})
 
 
 def _colours(n: int):
@@ -728,7 +745,7 @@ def main(argv: list[str] | None = None) -> str:
     (out / "results.md").write_text(table + "\n")
     common = {k: v for k, v in (runs[0].settings or {}).items() if k not in SWEPT} if not mixed else None
     (out / "results.json").write_text(json.dumps(results_json(rows, args.title, common, fit, mixed), indent=1,
-                                                 default=str) + "\n")
+                                                 default=str, allow_nan=False) + "\n")
     plots = plot(results, out, args.logx, args.title)
     print(table)
     print(f"\n{len(runs)} runs, {len(results)} optimizers -> {out / 'results.md'}, {out / 'results.json'}, "

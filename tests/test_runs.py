@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
@@ -221,6 +222,18 @@ def test_results_json_has_the_schema(tmp_path):
     assert "| lion | 0.0001 | 0.0001 | 2 | 2.100 ± 0.000 |" in table
     compare_runs.plot(results, tmp_path)
     assert (tmp_path / "lr_sensitivity.png").stat().st_size > 1000
+
+
+def test_an_unbounded_speedup_interval_is_strict_json_and_reads_inf():
+    """A bootstrap fit whose floor lies above the optimizer's loss makes ``D_eff`` infinite (the study's SWAN):
+    results.json stays strict JSON (null, not Infinity) and the table says ``inf``."""
+    row = {"optimizer": "swan", "best_lr": 0.01, "lrs": [0.01], "n": 3, "eval_loss_mean": 2.0, "eval_loss_std": 0.01,
+           "eval_loss_ci95": [1.98, 2.02], "speedup_vs_adamw": 4.55, "speedup_ci95": [2.36, math.inf],
+           "speedup_extrapolated": True, "edge_lr": False, "timing_contended": False, "tokens_to_adamw_loss": None,
+           "tokens": 259212.0, "tokens_per_s": 1e4, "median_step_ms": 100.0, "state_MB": 0.6, "perplexity": 7.4}
+    text = json.dumps(compare_runs.results_json([row], "t", None, None, None), allow_nan=False)
+    assert json.loads(text)["optimizers"][0]["speedup_ci95"] == [2.36, None]
+    assert "4.55 (2.36-inf)" in compare_runs.markdown_table([row])
 
 
 # ---------------------------------------------------------------- the study
