@@ -5,6 +5,7 @@ lr, AdamW at 3 budgets per size for the speedup fit, and the papers' headline cl
     python scripts/study.py --dry-run        # the plan: stages, runs, rough time, the sweep commands
     python scripts/study.py                  # the whole study, ~2 h on 2 uncontended CPU cores; resumable
     python scripts/study.py --smoke          # the same stages at toy scale (2 optimizers, 12 steps), minutes
+    python scripts/study.py --report         # the report from the runs finished so far; runs nothing
 
 Stages, each made of ``scripts/sweep.py`` calls (so each is resumable: finished runs with the same settings are
 reused; run it again after an interruption):
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs_dir", type=Path, default=Path("runs"))
     p.add_argument("--smoke", action="store_true", help="toy scale: 2 optimizers, 2 lrs, 2 seeds, a few steps")
     p.add_argument("--dry_run", "--dry-run", dest="dry_run", action="store_true", help="print the plan only")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: compare the runs finished so far and write the report (a partial study "
+                        "shows n < 3 seeds where runs are missing; run without --report to finish it)")
     args = p.parse_args(argv)
 
     optims = SMOKE["optims"].split(",") if args.smoke else sweep.default_optimizers()
@@ -193,18 +197,29 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     kappa_losses = {}
     for i, group in enumerate(kappa_groups):
-        failed |= sweep.main(kappa_stage(i))
-        kappa_losses[KAPPA_GRID[i]] = json.loads((args.runs_dir / group / "results.json").read_text()
-                                                 )["optimizers"][0]["eval_loss_mean"]
-    failed |= sweep.main(grid)
-    lrs = best_lrs(args.runs_dir / groups["small"] / "results.json")
-    print(f"study: best lrs of the grid: {lrs}", flush=True)
-    failed |= sweep.main(seeds_stage("small", lrs))
-    failed |= sweep.main(seeds_stage("mid", lrs))
+        if not args.report:
+            failed |= sweep.main(kappa_stage(i))
+        if (args.runs_dir / group / "results.json").exists():
+            kappa_losses[KAPPA_GRID[i]] = json.loads((args.runs_dir / group / "results.json").read_text()
+                                                     )["optimizers"][0]["eval_loss_mean"]
+    if args.report:  # the sweeps' comparisons of what has finished, nothing run
+        for size, group in groups.items():
+            if (args.runs_dir / group).is_dir():
+                model = SMALL if size == "small" else mid_config.stem
+                sweep.compare_group(args.runs_dir / group, f"{model}, {steps[size]} steps, seeds {seed_list}")
+    else:
+        failed |= sweep.main(grid)
+        lrs = best_lrs(args.runs_dir / groups["small"] / "results.json")
+        print(f"study: best lrs of the grid: {lrs}", flush=True)
+        failed |= sweep.main(seeds_stage("small", lrs))
+        failed |= sweep.main(seeds_stage("mid", lrs))
+    command = f"python scripts/study.py{' --smoke' if args.smoke else ''}"
     report = [f"# optimzoo study{' (smoke)' if args.smoke else ''}", "",
-              f"Command: `python scripts/study.py{' --smoke' if args.smoke else ''}`; machine: {machine()}; "
-              f"this invocation took {(time.time() - started) / 60:.1f} min (runs reused from earlier invocations "
-              "are not timed again).", ""]
+              f"Command: `{command}`; machine: {machine()}; "
+              + (f"this report was written by `{command} --report` from the runs finished so far (fewer than "
+                 f"{len(seeds)} seeds in a row: runs missing; `{command}` finishes them)." if args.report else
+                 f"this invocation took {(time.time() - started) / 60:.1f} min (runs reused from earlier "
+                 "invocations are not timed again)."), ""]
     if kappa_losses:
         best = min(kappa_losses, key=kappa_losses.get)
         default = sweep.DEFAULT_OPTIM_ARGS["lion_k"]
@@ -214,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                    + ("." if best == default else f" (update sweep.DEFAULT_OPTIM_ARGS['lion_k'] to {best!r})."), ""]
     for size, group in groups.items():
         gdir = args.runs_dir / group
+        if not (gdir / "results.json").exists():
+            report += [f"## {SMALL if size == 'small' else mid_config.stem}: no runs yet", ""]
+            continue
         results = json.loads((gdir / "results.json").read_text())
         step_ms = {r["optimizer"]: r["median_step_ms"] for r in results["optimizers"] if r["median_step_ms"]}
         report += [f"## {SMALL if size == 'small' else mid_config.stem}, {steps[size]} steps", "",

@@ -311,6 +311,17 @@ def extension(result, lrs: list[float]) -> float | None:
     return float(f"{grid[-1] * grid[-1] / grid[-2]:.3g}")
 
 
+def compare_group(group_dir: Path, title: str) -> str:
+    """``compare_runs.py`` on a sweep's group directory (and its AdamW budgets): ``results.md``, ``results.json``
+    and the plots, from the runs finished so far; returns the table."""
+    import compare_runs
+
+    compare_args = [str(group_dir), "--title", title, "--source", "trainer_state"]  # same numbers, no wandb reader
+    if (group_dir / "budgets").is_dir():
+        compare_args += ["--budgets", str(group_dir / "budgets")]
+    return compare_runs.main(compare_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -426,13 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             plan(more)
             print(f"AdamW budgets for the speedup fit: {budgets} steps at lr {adamw.best.lr:g}", flush=True)
             run_all(more)
-    import compare_runs
-
-    title = args.title or f"{model}, {args.max_steps} steps, seeds {','.join(map(str, seeds))}"
-    compare_args = [str(group_dir), "--title", title, "--source", "trainer_state"]  # same numbers, no wandb reader
-    if (group_dir / "budgets").is_dir():
-        compare_args += ["--budgets", str(group_dir / "budgets")]
-    compare_runs.main(compare_args)
+    compare_group(group_dir, args.title or f"{model}, {args.max_steps} steps, seeds {','.join(map(str, seeds))}")
     print(f"sweep {group}: {time.time() - started:.0f} s", flush=True)
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)

@@ -273,6 +273,19 @@ def test_study_plan_names_every_stage_and_runs_nothing(tmp_path, capsys):
     assert full == 0 and f"{len(sweep.default_optimizers())} optimizers" in capsys.readouterr().out
 
 
+def test_study_report_runs_nothing_and_says_what_is_missing(tmp_path, monkeypatch):
+    """``--report`` on a study with no finished run: nothing is trained (no recipe is launched), and the report
+    says so for each size and names itself partial."""
+    import study
+
+    monkeypatch.setattr(sweep, "main", lambda *a, **k: pytest.fail("--report must not run a sweep"))
+    runs = tmp_path / "runs"
+    assert study.main(["--report", "--smoke", "--runs_dir", str(runs)]) == 0
+    text = (runs / "study-smoke.md").read_text()
+    assert "written by `python scripts/study.py --smoke --report` from the runs finished so far" in text
+    assert "## llama_tiny: no runs yet" in text and "## study-smoke-mid: no runs yet" in text
+
+
 # ------------------------------------------------------------------ the low-bit comparison
 
 import compare_lowbit  # noqa: E402
