@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study: best lrs of the grid: {lrs}", flush=True)
         failed |= sweep.main(seeds_stage("small", lrs))
         failed |= sweep.main(seeds_stage("mid", lrs))
-    command = f"python scripts/study.py{' --smoke' if args.smoke else ''}"
+    command = f".venv/bin/python scripts/study.py{' --smoke' if args.smoke else ''}"
     report = [f"# optimzoo study{' (smoke)' if args.smoke else ''}", "",
               f"Command: `{command}`; machine: {machine()}; "
               + (f"this report was written by `{command} --report` from the runs finished so far (fewer than "
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             report += [f"AuON's median step: {step_ms['auon']:.1f} ms, Muon's {step_ms['muon']:.1f} ms "
                        f"({step_ms['auon'] / step_ms['muon']:.2f}x).", ""]
     report += ["This scale cannot settle the papers' claims, made at 60M-1B parameters on billions of tokens. "
-               "The papers' harness on GPUs: `torchrun --nproc_per_node 4 recipes/pretrain_llama.py "
+               "The papers' harness on GPUs: `.venv/bin/torchrun --nproc_per_node 4 recipes/pretrain_llama.py "
                "--model_config recipes/configs/llama_60m.json --dataset allenai/c4 --dataset_config en --streaming "
                "--tokenizer t5-base "
                "--optim stable_spam --learning_rate 1e-3 --max_steps 10000 --per_device_train_batch_size 128 --bf16 "

@@ -282,7 +282,7 @@ def test_study_report_runs_nothing_and_says_what_is_missing(tmp_path, monkeypatc
     runs = tmp_path / "runs"
     assert study.main(["--report", "--smoke", "--runs_dir", str(runs)]) == 0
     text = (runs / "study-smoke.md").read_text()
-    assert "written by `python scripts/study.py --smoke --report` from the runs finished so far" in text
+    assert "written by `.venv/bin/python scripts/study.py --smoke --report` from the runs finished so far" in text
     assert "## llama_tiny: no runs yet" in text and "## study-smoke-mid: no runs yet" in text
 
 
