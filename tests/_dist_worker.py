@@ -110,6 +110,11 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.named_parameters()}
 
 
+def metrics_of(opt) -> dict:
+    """``opt.metrics()`` for zoo optimizers, {} for torch's."""
+    return opt.metrics() if hasattr(opt, "metrics") else {}
+
+
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -146,7 +151,7 @@ def one_process_reference(name: str, hp: dict, kind: str) -> tuple[dict, dict | 
     model, opt = build(name, make_model(kind), **hp)
     single = count_transforms(opt)
     train(model, opt, kind, 0, STEPS)
-    out["reference_metrics"] = opt.metrics() if hasattr(opt, "metrics") else {}
+    out["reference_metrics"] = metrics_of(opt)
     out["single_transforms"] = single[0]
     out["matrices"] = len(opt.routing_plan.names("matrix"))
     out["row_local"] = hasattr(opt, "_transform_row_blocks")
@@ -167,7 +172,7 @@ def parity_case(name: str, hp: dict, kind: str) -> dict:
     dist.all_gather_object(counts, counter[0])
     out["transforms"] = counts
     metrics = [None] * dist.get_world_size()
-    dist.all_gather_object(metrics, opt.metrics() if hasattr(opt, "metrics") else {})
+    dist.all_gather_object(metrics, metrics_of(opt))
     out["metrics"] = metrics  # every rank's
 
     model = make_model(kind)

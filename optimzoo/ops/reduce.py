@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["global_amax", "global_sum", "is_sharded", "local_tensor", "reduce_shards", "reduce_shards_many"]
+__all__ = ["global_amax", "global_sum", "is_sharded", "local_tensor", "reduce_shards", "reduce_shards_many",
+           "sharded_alike"]
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -22,6 +23,15 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 def is_sharded(t: torch.Tensor) -> bool:
     """Whether ``t`` is a ``DTensor`` split across ranks on at least one mesh dimension."""
     return hasattr(t, "device_mesh") and any(pl.is_shard() for pl in t.placements)
+
+
+def sharded_alike(tensors) -> bool:
+    """Whether ``tensors`` (a parameter, its gradient and state) are ``DTensor`` s on one mesh with the same
+    placements: then their local shards hold the same elements of each, and an element-wise update of the
+    shards is the update of the whole."""
+    first = tensors[0]
+    return hasattr(first, "device_mesh") and all(
+        getattr(t, "device_mesh", None) == first.device_mesh and t.placements == first.placements for t in tensors)
 
 
 def reduce_shards(value: torch.Tensor, like: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.fx.experimental import _config as shape_config
 from torch.optim import Optimizer
 
-from ..ops.reduce import local_tensor, reduce_shards
+from ..ops.reduce import local_tensor, reduce_shards, sharded_alike
 from ._checkpoint import CheckpointMixin
 
 __all__ = [
@@ -200,10 +200,8 @@ def _local_pieces(tensors: Sequence[torch.Tensor],
     """:func:`chunk_views` of ``tensors``, of their local shards when they are ``DTensor`` s sharded alike
     (an element-wise update of the shards is the update of the whole); and the ``DTensor`` over whose shards
     the pieces' counts must be summed (None for plain tensors)."""
-    first = tensors[0]
-    if hasattr(first, "device_mesh") and all(
-            getattr(t, "device_mesh", None) == first.device_mesh and t.placements == first.placements for t in tensors):
-        return chunk_views([local_tensor(t) for t in tensors], elements), first
+    if sharded_alike(tensors):
+        return chunk_views([local_tensor(t) for t in tensors], elements), tensors[0]
     return chunk_views(tensors, elements), None
 
 

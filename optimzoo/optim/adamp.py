@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from ..ops.reduce import global_amax, global_sum, reduce_shards_many
+from ..ops.reduce import global_amax, global_sum, reduce_shards_many, sharded_alike
 from . import _base
 from ._base import (
     ZooOptimizer,
@@ -180,12 +180,9 @@ def _eager_runners(kernels: dict[str, Callable], stats: Callable) -> dict[str, C
 
     def run_pass2(items: list[tuple], **static) -> None:
         for *tensors, scale, project, hp in items:
-            if _skips(project):  # nothing projected: the unprojected step, the same numbers
-                for rows in row_blocks(tensors[0]):
-                    pass2(*(t[rows] for t in tensors), None, project, hp, **static)
-                continue
+            skip = _skips(project)  # nothing projected: the unprojected step, the same numbers
             for rows in row_blocks(tensors[0]):
-                pass2(*(t[rows] for t in tensors), scale[rows], project, hp, **static)
+                pass2(*(t[rows] for t in tensors), None if skip else scale[rows], project, hp, **static)
 
     return {"vector": run_vector, "pass1": run_pass1, "pass2": run_pass2}
 
@@ -250,10 +247,8 @@ def _row_local(tensors: list[torch.Tensor]) -> bool:
     along rows (FSDP2's ``Shard(0)``, HSDP's ``(Replicate(), Shard(0))``): then each rank holds whole rows,
     the foreach path runs on the local shards (no DTensor dispatch per op) and only the projection's
     row statistics are reduced across ranks (:func:`_foreach_projections`)."""
-    first = tensors[0]
-    return hasattr(first, "device_mesh") and all(
-        getattr(t, "device_mesh", None) == first.device_mesh and t.placements == first.placements for t in tensors
-    ) and all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0) for pl in first.placements)
+    return sharded_alike(tensors) and all(pl.is_replicate() or (pl.is_shard() and pl.dim == 0)
+                                          for pl in tensors[0].placements)
 
 
 def _local_lists(lists: list[list[torch.Tensor]]) -> tuple[list[list[torch.Tensor]], list[torch.Tensor | None]]:
@@ -281,14 +276,15 @@ def _foreach_projections(items: list[tuple], eps: torch.Tensor, delta: float,
         cos = channel_cosines(st, eps)
         stats.append(st)
         maxes.append(cos.amax() if cos.numel() else torch.full((), -torch.inf, dtype=cos.dtype, device=cos.device))
-        sums.append(torch.stack([rows.sum() for rows in st]))
-    if any(like is not None for like in likes):
+        sums.append(tuple(rows.sum() for rows in st))
+    if any(like is not None for like in likes):  # (plain tensors: the local sums are the totals)
         maxes = reduce_shards_many(maxes, likes, dist.ReduceOp.MAX)
-        sums = reduce_shards_many(sums, likes, dist.ReduceOp.SUM)
+        sums = [tuple(s.unbind()) for s in reduce_shards_many([torch.stack(s) for s in sums], likes,
+                                                              dist.ReduceOp.SUM)]
     out = []
     for (p, *_), like, st, mx, sm in zip(items, likes, stats, maxes, sums):
         th_c, th_l = ZooOptimizer._scalars(p.device, *_thresholds(p if like is None else like, delta))
-        out.append(projection_from_totals(st, mx, tuple(sm.unbind()), eps, th_c, th_l))
+        out.append(projection_from_totals(st, mx, sm, eps, th_c, th_l))
     return out
 
 
