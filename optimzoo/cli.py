@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 from .param_groups import plan_parameters
 from .registry import PEER_PREFIX, OptimizerSpec, _key, create_optimizer, get_spec, list_optimizers
 
-__all__ = ["brief_usage", "check_optimizer_args", "fail", "parse_kv", "resolve_optimizer", "user_errors"]
+__all__ = ["brief_usage", "check_optimizer_args", "fail", "merge_kv", "parse_kv", "resolve_optimizer", "user_errors"]
 
 BRIEF_USAGE = "%(prog)s [-h] [options]"
 _OPEN, _CLOSE = "([{", ")]}"
@@ -93,6 +93,20 @@ def parse_kv(text: str | None, what: str = "optim_args") -> dict[str, Any]:
         key = key.strip()
         out[key] = _typed(key, value.strip(), what)
     return out
+
+
+def merge_kv(*texts: str | None, what: str = "optim_args") -> str | None:
+    """Join ``"k=v,..."`` texts into one, a later text's value replacing an earlier one's for the same key
+    (``merge_kv("kappa=tanh,a=1000", "kappa=huber,a=0.001")`` -> ``"kappa=huber,a=0.001"``); the items keep their
+    text and their first position. ``None`` when nothing is left."""
+    items: dict[str, str] = {}
+    for text in texts:
+        for item in _split_top_level(text or "", what):
+            key, sep, _ = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{what}: invalid item {item!r}: expected key=value (items separated by commas)")
+            items[key.strip()] = item
+    return ",".join(items.values()) or None
 
 
 # ------------------------------------------------------------------------------------------ names

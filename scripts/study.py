@@ -10,11 +10,12 @@ lr, AdamW at 3 budgets per size for the speedup fit, and the papers' headline cl
 Stages, each made of ``scripts/sweep.py`` calls (so each is resumable: finished runs with the same settings are
 reused; run it again after an interruption):
 
-0. ``kappa``: Lion-K at its default lr with each K of ``KAPPA_GRID`` (small size, seed 0), one group each
-   (``runs/study-kappa<i>/``); the report says which K won, and whether it is the default sweep's
-   (``sweep.DEFAULT_OPTIM_ARGS["lion_k"]``), which the later stages use.
+0. ``kappa``: Lion-K with each K of ``KAPPA_GRID`` on its lr grid (``--lrs grid --extend-edges``; small size,
+   seed 0), one group each (``runs/study-kappa<i>/``). The K with the lowest loss at its best lr wins and the
+   later stages run Lion-K with it (``--optim_args lion_k:<K>``); the report says whether it is the main job's
+   (``sweep.DEFAULT_OPTIM_ARGS["lion_k"]``).
 1. ``grid``: every optimizer at the small size on its own ``LR_MULTIPLIERS`` grid (5 points around its default
-   lr, ``sweep.py --lrs grid``), seed 0, into ``runs/study-<small>/``.
+   lr, ``sweep.py --lrs grid --extend-edges``), seed 0, into ``runs/study-<small>/``.
 2. ``seeds-small``: every optimizer at its best lr of stage 1, seeds ``SEEDS`` (seed 0 is reused), plus AdamW at
    2 more budgets (a third and two thirds of the steps) for the speedup fit, same group.
 3. ``seeds-mid``: the same lrs and seeds at the mid size (``MID_CONFIG``, about 4.9M parameters, written to
@@ -43,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import sweep  # noqa: E402
+from optimzoo.cli import resolve_optimizer, user_errors  # noqa: E402
 
 SEEDS = (0, 1, 2)
 SMALL = "llama_tiny"
@@ -139,17 +141,38 @@ def best_lrs(results_file: Path) -> str:
     return ";".join(f"{r['optimizer']}={r['best_lr']:g}" for r in results["optimizers"])
 
 
+def missing_runs(runs_dir: Path, groups: dict[str, str], optims: list[str], n_seeds: int) -> list[str]:
+    """What a partial study lacks: per size group, the optimizers with fewer than ``n_seeds`` seeds at their best
+    lr (or none)."""
+    missing = []
+    for group in groups.values():
+        results = runs_dir / group / "results.json"
+        found = {r["optimizer"]: r["n"] for r in json.loads(results.read_text())["optimizers"]} \
+            if results.exists() else {}
+        short = [o for o in optims if found.get(o, 0) < n_seeds]
+        if short:
+            missing.append(f"{group}: {', '.join(short)}" if found else f"{group}: every run")
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs_dir", type=Path, default=Path("runs"))
-    p.add_argument("--smoke", action="store_true", help="toy scale: 2 optimizers, 2 lrs, 2 seeds, a few steps")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--smoke", action="store_true", help="toy scale: 2 optimizers, 2 lrs, 2 seeds, a few steps")
     p.add_argument("--dry_run", "--dry-run", dest="dry_run", action="store_true", help="print the plan only")
+    which.add_argument("--optims", default=None,
+                   help="comma-separated optimizers (default: AdamW and every zoo optimizer); the runs go into the "
+                        "same groups, so a later full study reuses them")
     p.add_argument("--report", action="store_true",
                    help="run nothing: compare the runs finished so far and write the report (a partial study "
                         "shows n < 3 seeds where runs are missing; run without --report to finish it)")
     args = p.parse_args(argv)
 
     optims = SMOKE["optims"].split(",") if args.smoke else sweep.default_optimizers()
+    if args.optims:
+        with user_errors(p):
+            optims = [resolve_optimizer(o.strip()).name for o in args.optims.split(",")]
     seeds = SMOKE["seeds"] if args.smoke else SEEDS
     steps = SMOKE["steps"] if args.smoke else STEPS
     tag = "study-smoke" if args.smoke else "study"
@@ -157,19 +180,27 @@ def main(argv: list[str] | None = None) -> int:
     groups = {"small": f"{tag}-{SMALL}", "mid": f"{tag}-mid"}
     seed_list = ",".join(map(str, seeds))
     common = ["--optims", ",".join(optims), "--progress_s", "15"]
-    grid = [*common, "--model_config", SMALL, "--lrs", SMOKE["lrs"] if args.smoke else "grid", "--seeds", "0",
-            "--budgets", "none", "--max_steps", str(steps["small"]), "--group", groups["small"],
-            "--runs_dir", str(args.runs_dir)]
+    kappa_groups = [f"{tag}-kappa{i}" for i in range(len(KAPPA_GRID))] if "lion_k" in optims else []
 
-    def seeds_stage(size: str, lrs: str) -> list[str]:
+    def kappa_stage(i: int) -> list[str]:
+        return ["--optims", "lion_k", "--lrs", "grid", "--extend-edges", "--seeds", "0", "--budgets", "none",
+                "--max_steps", str(steps["small"]), "--optim_args", f"lion_k:{KAPPA_GRID[i]}", "--progress_s", "15",
+                "--group", kappa_groups[i], "--runs_dir", str(args.runs_dir)]
+
+    def grid_stage(kappa: list[str]) -> list[str]:
+        return [*common, *kappa, "--model_config", SMALL, "--lrs", SMOKE["lrs"] if args.smoke else "grid",
+                "--extend-edges", "--seeds", "0", "--budgets", "none", "--max_steps", str(steps["small"]),
+                "--group", groups["small"], "--runs_dir", str(args.runs_dir)]
+
+    def seeds_stage(size: str, lrs: str, kappa: list[str]) -> list[str]:
         model = SMALL if size == "small" else str(mid_config)
-        return [*common, "--model_config", model, "--lrs", lrs, "--seeds", seed_list, "--budgets", "auto",
+        return [*common, *kappa, "--model_config", model, "--lrs", lrs, "--seeds", seed_list, "--budgets", "auto",
                 "--max_steps", str(steps[size]), "--group", groups[size], "--runs_dir", str(args.runs_dir)]
 
-    n_grid = len(sweep.parse_lrs(SMOKE["lrs"] if args.smoke else "grid", optims)["adamw"]) * len(optims) + (
-        len(KAPPA_GRID) if "lion_k" in optims else 0)
+    n_grid = sum(map(len, sweep.parse_lrs(SMOKE["lrs"] if args.smoke else "grid", optims).values())) \
+        + len(sweep.LR_MULTIPLIERS) * len(kappa_groups)
     n_seeds = len(optims) * len(seeds)
-    budget_runs = 2 * len(seeds)
+    budget_runs = 2 * len(seeds) if "adamw" in optims else 0
     est = (n_grid * (START_S + steps["small"] * SECONDS_PER_STEP["small"])
            + (n_seeds - len(optims) + budget_runs) * (START_S + steps["small"] * SECONDS_PER_STEP["small"])
            + (n_seeds + budget_runs) * (START_S + steps["mid"] * SECONDS_PER_STEP["mid"]))
@@ -177,17 +208,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{mid_config.name} ({steps['small']} and {steps['mid']} steps), seeds {seed_list}; about "
           f"{n_grid + n_seeds - len(optims) + budget_runs + n_seeds + budget_runs} runs, roughly {est / 60:.0f} min "
           "on 2 uncontended cores; resumable (run it again after an interruption)", flush=True)
-    kappa_groups = [f"{tag}-kappa{i}" for i in range(len(KAPPA_GRID))] if "lion_k" in optims else []
-
-    def kappa_stage(i: int) -> list[str]:
-        return ["--optims", "lion_k", "--seeds", "0", "--budgets", "none", "--max_steps", str(steps["small"]),
-                "--optim_args", KAPPA_GRID[i], "--group", kappa_groups[i], "--runs_dir", str(args.runs_dir)]
-
+    best_k = ["--optim_args", "lion_k:<best K of stage 0>"] if kappa_groups else []
     for i in range(len(kappa_groups)):
         print(f"  0. kappa:       sweep.py {' '.join(kappa_stage(i))}")
-    print(f"  1. grid:        sweep.py {' '.join(grid)}")
-    print(f"  2. seeds-small: sweep.py {' '.join(seeds_stage('small', '<best lrs of stage 1>'))}")
-    print(f"  3. seeds-mid:   sweep.py {' '.join(seeds_stage('mid', '<best lrs of stage 1>'))}")
+    print(f"  1. grid:        sweep.py {' '.join(grid_stage(best_k))}")
+    print(f"  2. seeds-small: sweep.py {' '.join(seeds_stage('small', '<best lrs of stage 1>', best_k))}")
+    print(f"  3. seeds-mid:   sweep.py {' '.join(seeds_stage('mid', '<best lrs of stage 1>', best_k))}")
     print(f"  4. report:      {args.runs_dir / (tag + '.md')}", flush=True)
     if args.dry_run:
         return 0
@@ -195,38 +221,47 @@ def main(argv: list[str] | None = None) -> int:
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     mid_config.write_text(json.dumps(MID_CONFIG, indent=1) + "\n")
     failed = 0
-    kappa_losses = {}
+    kappa: dict[str, dict] = {}  # each K's best entry of its lr grid
     for i, group in enumerate(kappa_groups):
         if not args.report:
             failed |= sweep.main(kappa_stage(i))
         if (args.runs_dir / group / "results.json").exists():
-            kappa_losses[KAPPA_GRID[i]] = json.loads((args.runs_dir / group / "results.json").read_text()
-                                                     )["optimizers"][0]["eval_loss_mean"]
+            kappa[KAPPA_GRID[i]] = json.loads((args.runs_dir / group / "results.json").read_text())["optimizers"][0]
+    best = min(kappa, key=lambda k: kappa[k]["eval_loss_mean"]) if kappa else None
+    best_k = ["--optim_args", f"lion_k:{best}"] if best else []
     if args.report:  # the sweeps' comparisons of what has finished, nothing run
         for size, group in groups.items():
             if (args.runs_dir / group).is_dir():
                 model = SMALL if size == "small" else mid_config.stem
                 sweep.compare_group(args.runs_dir / group, f"{model}, {steps[size]} steps, seeds {seed_list}")
     else:
-        failed |= sweep.main(grid)
+        if best:
+            print(f"study: Lion-K's K: {best} (lr {kappa[best]['best_lr']:g}); the later stages use it", flush=True)
+        failed |= sweep.main(grid_stage(best_k))
         lrs = best_lrs(args.runs_dir / groups["small"] / "results.json")
         print(f"study: best lrs of the grid: {lrs}", flush=True)
-        failed |= sweep.main(seeds_stage("small", lrs))
-        failed |= sweep.main(seeds_stage("mid", lrs))
-    command = f".venv/bin/python scripts/study.py{' --smoke' if args.smoke else ''}"
+        failed |= sweep.main(seeds_stage("small", lrs, best_k))
+        failed |= sweep.main(seeds_stage("mid", lrs, best_k))
+    command = (f".venv/bin/python scripts/study.py{' --smoke' if args.smoke else ''}"
+               + (f" --optims {','.join(optims)}" if args.optims else ""))
+    missing = missing_runs(args.runs_dir, groups, optims, len(seeds))
     report = [f"# optimzoo study{' (smoke)' if args.smoke else ''}", "",
               f"Command: `{command}`; machine: {machine()}; "
-              + (f"this report was written by `{command} --report` from the runs finished so far (fewer than "
-                 f"{len(seeds)} seeds in a row: runs missing; `{command}` finishes them)." if args.report else
+              + (f"this report was written by `{command} --report` from the runs finished so far ("
+                 + (f"runs missing: {', '.join(missing)}; `{command}` finishes them)." if missing else
+                    "every planned run had finished).") if args.report else
                  f"this invocation took {(time.time() - started) / 60:.1f} min (runs reused from earlier "
                  "invocations are not timed again)."), ""]
-    if kappa_losses:
-        best = min(kappa_losses, key=kappa_losses.get)
+    if kappa:
         default = sweep.DEFAULT_OPTIM_ARGS["lion_k"]
-        report += ["## Lion-K's K", "", "| K | eval loss |", "|---|---|",
-                   *[f"| {k} | {v:.3f} |" for k, v in kappa_losses.items()], "",
-                   f"Best: {best}; the default sweep uses {default}"
-                   + ("." if best == default else f" (update sweep.DEFAULT_OPTIM_ARGS['lion_k'] to {best!r})."), ""]
+        report += ["## Lion-K's K", "", "Each K on Lion-K's lr grid, llama_tiny, seed 0.", "",
+                   "| K | best lr | lrs tried | eval loss at the best lr |", "|---|---|---|---|",
+                   *[f"| {k} | {e['best_lr']:g} | {', '.join(f'{x:g}' for x in e['lrs'])} | "
+                     f"{e['eval_loss_mean']:.3f} |" for k, e in kappa.items()], "",
+                   f"Best: {best}; the stages below run Lion-K with it"
+                   + ("; the main job's default (sweep.DEFAULT_OPTIM_ARGS) is the same." if best == default else
+                      f"; the main job's default (sweep.DEFAULT_OPTIM_ARGS) is {default}: update it to {best!r}."),
+                   ""]
     for size, group in groups.items():
         gdir = args.runs_dir / group
         if not (gdir / "results.json").exists():

@@ -33,6 +33,8 @@ settings that differ: use another ``--group``. So an interrupted sweep resumes w
 **Output**: a banner (runs planned, reused, where the logs are), a progress line per run at least every
 ``--progress_s`` seconds (default ``PROGRESS_EVERY_S``: step, loss, tokens/s, ETA), a line per finished run, then
 ``scripts/compare_runs.py`` writes ``results.md``, ``results.json`` and the plots into the group directory.
+``--optim_args`` takes ``;``-separated parts: ``k=v,...`` for every optimizer, ``name:k=v,...`` for one
+(``lion_k:kappa=huber,a=0.001``); they replace ``DEFAULT_OPTIM_ARGS``' value of the same key.
 Arguments after ``--`` go to every recipe run. Names, lrs and ``--optim_args`` values are checked before the first run.
 """
 
@@ -42,6 +44,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -52,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import optimzoo  # noqa: E402
-from optimzoo.cli import brief_usage, check_optimizer_args, parse_kv, resolve_optimizer, user_errors  # noqa: E402
+from optimzoo.cli import brief_usage, check_optimizer_args, merge_kv, parse_kv, resolve_optimizer, user_errors  # noqa: E402
 from optimzoo.hf.runs import run_identity, settings_diff  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "pretrain_llama.py"
@@ -80,15 +83,32 @@ def default_optimizers() -> list[str]:
     return ["adamw"] + optimzoo.list_optimizers(baselines=False).names()
 
 
+def parse_optim_args(text: str | None, optims: list[str]) -> dict[str, str | None]:
+    """Each optimizer's part of ``--optim_args``: ``;``-separated parts, each ``name:k=v,...`` (that optimizer) or
+    ``k=v,...`` (every optimizer); an optimizer's own parts come after the shared ones, so their keys win."""
+    shared: list[str] = []
+    own: dict[str, list[str]] = {}
+    for part in (text or "").split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        named = re.fullmatch(r"([A-Za-z][\w-]*)\s*:(.*)", part, re.S)
+        if named:
+            canonical = resolve_optimizer(named.group(1)).name
+            if canonical not in optims:
+                raise ValueError(f"--optim_args names {named.group(1)!r}, which is not in --optims "
+                                 f"({','.join(optims)})")
+            own.setdefault(canonical, []).append(named.group(2))
+        else:
+            shared.append(part)
+    return {o: merge_kv(*shared, *own.get(o, []), what="--optim_args") for o in optims}
+
+
 def optim_args(name: str, extra: str | None) -> str | None:
-    parts = []
-    if optimzoo.get_spec(name).kind == "matrix":
-        parts.append(f"adamw_lr={MATRIX_ADAMW_LR}")
-    if name in DEFAULT_OPTIM_ARGS:
-        parts.append(DEFAULT_OPTIM_ARGS[name])
-    if extra:
-        parts.append(extra)
-    return ",".join(parts) or None
+    """The recipe's ``--optim_args`` for ``name``: a matrix optimizer's ``adamw_lr`` (``MATRIX_ADAMW_LR``),
+    ``DEFAULT_OPTIM_ARGS``, then ``extra`` (the user's part for ``name``), a later key replacing an earlier one."""
+    matrix = f"adamw_lr={MATRIX_ADAMW_LR}" if optimzoo.get_spec(name).kind == "matrix" else None
+    return merge_kv(matrix, DEFAULT_OPTIM_ARGS.get(name), extra)
 
 
 def default_lr(name: str) -> float:
@@ -185,7 +205,7 @@ def recipe_args(args, optim: str, lr: float, seed: int, max_steps: int, name: st
            "--max_steps", str(max_steps), "--seed", str(seed), "--per_device_train_batch_size", str(args.batch_size),
            "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps), "--output_dir", str(out),
            "--run_name", name, "--wandb_group", group, "--disable_tqdm", "true"]
-    extra = optim_args(optim, args.optim_args)
+    extra = optim_args(optim, args.own_optim_args[optim])
     if extra:
         cmd += ["--optim_args", extra]
     if args.max_eval_samples:
@@ -342,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
     p.add_argument("--group", default=None, help="wandb group and directory name (default: sweep-<model>)")
     p.add_argument("--runs_dir", type=Path, default=Path("runs"))
-    p.add_argument("--optim_args", default=None, help="extra optimizer arguments for every run ('k=v,...')")
+    p.add_argument("--optim_args", default=None,
+                   help="extra optimizer arguments: 'k=v,...' (every optimizer), 'name:k=v,...' (one), ';' between parts")
     p.add_argument("--progress_s", type=float, default=PROGRESS_EVERY_S, help="seconds between progress lines")
     p.add_argument("--title", default=None, help="title of the plots (default: model, steps, seeds)")
     p.add_argument("--dry_run", "--dry-run", dest="dry_run", action="store_true",
@@ -356,10 +377,11 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
         budgets = parse_budgets(args.budgets, args.max_steps, optims)
         budget_seeds = [int(s) for s in args.budget_seeds.split(",")] if args.budget_seeds else seeds
+        args.own_optim_args = parse_optim_args(args.optim_args, optims)
         for o in optims:
-            extra = parse_kv(optim_args(o, args.optim_args))
+            extra = parse_kv(optim_args(o, args.own_optim_args[o]))
             for lr in lrs[o]:
-                check_optimizer_args(o, {"lr": lr, **extra}, user_keys=parse_kv(args.optim_args).keys())
+                check_optimizer_args(o, {"lr": lr, **extra}, user_keys=parse_kv(args.own_optim_args[o]).keys())
     recipe = _recipe()
     model = Path(args.model_config).stem
     group = args.group or f"sweep-{model}"

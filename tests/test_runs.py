@@ -202,6 +202,23 @@ def test_lion_k_runs_with_a_non_sign_kappa_in_the_default_sweep():
     assert kappa != "sign"
 
 
+def test_per_optimizer_optim_args_replace_the_defaults_key_by_key():
+    from optimzoo.cli import merge_kv
+
+    assert merge_kv("kappa=tanh,a=1000", None, "kappa=huber,a=0.001") == "kappa=huber,a=0.001"
+    assert merge_kv("betas=(0.9,0.95),eps=1e-8", "eps=1e-6") == "betas=(0.9,0.95),eps=1e-6"
+    assert merge_kv(None, "") is None
+    own = sweep.parse_optim_args("weight_decay=0.1;lion_k:kappa=huber,a=0.001", ["lion", "lion_k"])
+    assert own == {"lion": "weight_decay=0.1", "lion_k": "weight_decay=0.1,kappa=huber,a=0.001"}
+    assert sweep.optim_args("lion_k", own["lion_k"]) == "kappa=huber,a=0.001,weight_decay=0.1"
+    assert sweep.optim_args("lion", own["lion"]) == "weight_decay=0.1"
+    assert sweep.optim_args("normuon", None) == f"adamw_lr={sweep.MATRIX_ADAMW_LR}"
+    with pytest.raises(ValueError, match="not in --optims"):
+        sweep.parse_optim_args("lion_k:kappa=tanh", ["lion"])
+    with pytest.raises(ValueError, match="unknown optimizer 'lino'"):
+        sweep.parse_optim_args("lino:kappa=tanh", ["lion"])
+
+
 def test_plots_have_a_distinct_colour_per_optimizer():
     colours = compare_runs._colours(16)
     assert len({tuple(round(x, 3) for x in c[:3]) for c in colours}) == 16
@@ -267,7 +284,7 @@ def test_study_plan_names_every_stage_and_runs_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     for stage in ("1. grid:", "2. seeds-small:", "3. seeds-mid:", "4. report:"):
         assert stage in out
-    assert "--lrs adamw=1e-3,3e-3;lion=1e-4,3e-4 --seeds 0" in out and "--seeds 0,1 --budgets auto" in out
+    assert "--lrs adamw=1e-3,3e-3;lion=1e-4,3e-4 --extend-edges --seeds 0" in out and "--seeds 0,1 --budgets auto" in out
     assert not (tmp_path / "runs").exists()
     full = study.main(["--dry-run", "--runs_dir", str(tmp_path / "runs")])
     assert full == 0 and f"{len(sweep.default_optimizers())} optimizers" in capsys.readouterr().out
@@ -312,3 +329,62 @@ def test_lowbit_rows_count_spikes_divergence_and_compare_to_fp32_adamw():
     assert int4["eval_loss_mean"] == math.inf and int4["eval_loss_std"] is None  # not a crash (it was one)
     assert math.isclose(int4["grad_norm_spike"], (10.0 + 10.0 + 1.0) / 3)
     assert "| int4 | adamw |" in compare_lowbit.markdown(list(rows.values()))
+
+
+def _write_results(group_dir: Path, entries: dict[str, tuple[float, float, int]]) -> None:
+    """A group's ``results.json`` with (best lr, eval loss mean, n) per optimizer."""
+    group_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"optimizer": o, "best_lr": lr, "lrs": [lr / 2, lr, lr * 2], "n": n, "eval_loss_mean": loss,
+             "eval_loss_std": 0.01 if n > 1 else None, "median_step_ms": None}
+            for o, (lr, loss, n) in entries.items()]
+    (group_dir / "results.json").write_text(json.dumps({"optimizers": rows}))
+    (group_dir / "results.md").write_text("| table |")
+
+
+def test_study_runs_the_later_stages_with_the_best_k_of_its_lr_grids(tmp_path, monkeypatch):
+    """Stage 0 tunes each K on its lr grid; the K with the lowest loss at its best lr (not the main job's default)
+    is the one the grid and seeds stages pass to Lion-K, and the report says both."""
+    import study
+
+    runs = tmp_path / "runs"
+    losses = {0: 3.1, 1: 2.9, 2: 3.0}  # KAPPA_GRID[1] wins at its best lr
+    calls = []
+
+    def fake_sweep(argv):
+        calls.append(argv)
+        group = argv[argv.index("--group") + 1]
+        if "-kappa" in group:
+            _write_results(runs / group, {"lion_k": (2e-3, losses[int(group[-1])], 1)})
+        elif not (runs / group).exists():
+            _write_results(runs / group, {"lion": (1e-3, 2.5, 3), "lion_k": (2e-3, 2.6, 3)})
+        return 0
+
+    monkeypatch.setattr(sweep, "main", fake_sweep)
+    monkeypatch.setattr(sweep, "DEFAULT_OPTIM_ARGS", {**sweep.DEFAULT_OPTIM_ARGS, "lion_k": study.KAPPA_GRID[0]})
+    assert study.main(["--optims", "lion,lion_k", "--runs_dir", str(runs)]) == 0
+    kappa_calls, later = calls[:len(study.KAPPA_GRID)], calls[len(study.KAPPA_GRID):]
+    for i, argv in enumerate(kappa_calls):
+        assert argv[argv.index("--optim_args") + 1] == f"lion_k:{study.KAPPA_GRID[i]}"
+        assert "--extend-edges" in argv and argv[argv.index("--lrs") + 1] == "grid"
+    assert len(later) == 3
+    for argv in later:
+        assert argv[argv.index("--optim_args") + 1] == f"lion_k:{study.KAPPA_GRID[1]}"
+    text = (runs / "study.md").read_text()
+    assert f"Best: {study.KAPPA_GRID[1]}; the stages below run Lion-K with it" in text
+    assert f"update it to {study.KAPPA_GRID[1]!r}" in text
+    assert f"--optims lion,lion_k" in text
+
+
+def test_study_report_says_whether_runs_are_missing(tmp_path, monkeypatch):
+    import study
+
+    monkeypatch.setattr(sweep, "main", lambda *a, **k: pytest.fail("--report must not run a sweep"))
+    monkeypatch.setattr(sweep, "compare_group", lambda *a, **k: None)
+    runs = tmp_path / "runs"
+    _write_results(runs / "study-smoke-llama_tiny", {"adamw": (1e-3, 2.5, 2), "lion": (1e-4, 2.6, 2)})
+    _write_results(runs / "study-smoke-mid", {"adamw": (1e-3, 2.4, 2), "lion": (1e-4, 2.7, 1)})
+    assert study.main(["--report", "--smoke", "--runs_dir", str(runs)]) == 0
+    assert "runs missing: study-smoke-mid: lion;" in (runs / "study-smoke.md").read_text()
+    _write_results(runs / "study-smoke-mid", {"adamw": (1e-3, 2.4, 2), "lion": (1e-4, 2.7, 2)})
+    assert study.main(["--report", "--smoke", "--runs_dir", str(runs)]) == 0
+    assert "every planned run had finished" in (runs / "study-smoke.md").read_text()
