@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{e['eval_loss_mean']:.3f} |" for k, e in kappa.items()], "",
                    f"Best: {best}; the stages below run Lion-K with it"
                    + ("; the main job's default (sweep.DEFAULT_OPTIM_ARGS) is the same." if best == default else
-                      f"; the main job's default (sweep.DEFAULT_OPTIM_ARGS) is {default}: update it to {best!r}."),
+                      f"; the main job's default (sweep.DEFAULT_OPTIM_ARGS) is another K, {default}."),
                    ""]
     for size, group in groups.items():
         gdir = args.runs_dir / group

@@ -371,7 +371,7 @@ def test_study_runs_the_later_stages_with_the_best_k_of_its_lr_grids(tmp_path, m
         assert argv[argv.index("--optim_args") + 1] == f"lion_k:{study.KAPPA_GRID[1]}"
     text = (runs / "study.md").read_text()
     assert f"Best: {study.KAPPA_GRID[1]}; the stages below run Lion-K with it" in text
-    assert f"update it to {study.KAPPA_GRID[1]!r}" in text
+    assert f"(sweep.DEFAULT_OPTIM_ARGS) is another K, {study.KAPPA_GRID[0]}." in text
     assert f"--optims lion,lion_k" in text
 
 
